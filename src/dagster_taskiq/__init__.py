@@ -1,0 +1,1 @@
+"""dagster-taskiq: run Dagster steps on async SQS workers with exactly-once completion."""

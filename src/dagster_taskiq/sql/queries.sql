@@ -1,0 +1,98 @@
+-- Named statements of the idempotency store. Each starts with a line `-- name: <name>`.
+-- Times come from the database's clock (now()), so workers' clocks never decide a lease.
+
+-- name: record_enqueued
+INSERT INTO step_executions (idempotency_key, run_id, job_name, step_key, attempt, state)
+VALUES (:key, :run_id, :job_name, :step_key, :attempt, 'QUEUED')
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING idempotency_key
+
+-- name: claim
+-- Wins only for a QUEUED key; the winner's start is logged in the same statement.
+WITH claimed AS (
+  UPDATE step_executions
+  SET state = 'RUNNING',
+      owner = :worker_id,
+      lease_token = nextval('lease_token_seq'),
+      lease_expires_at = now() + make_interval(secs => :lease_s),
+      started_at = now(),
+      delivery_count = delivery_count + 1
+  WHERE idempotency_key = :key AND state = 'QUEUED'
+  RETURNING idempotency_key, run_id, step_key, attempt, owner, lease_token, lease_expires_at
+), logged AS (
+  INSERT INTO execution_log (idempotency_key, run_id, step_key, attempt, worker_id, lease_token)
+  SELECT idempotency_key, run_id, step_key, attempt, owner, lease_token FROM claimed
+)
+SELECT lease_token, lease_expires_at FROM claimed
+
+-- name: refuse
+-- A delivery that lost the claim: count it and say why.
+UPDATE step_executions
+SET delivery_count = delivery_count + 1, refused_count = refused_count + 1
+WHERE idempotency_key = :key
+RETURNING state, owner, lease_token, lease_expires_at, lease_expires_at <= now() AS lease_expired
+
+-- name: heartbeat
+UPDATE step_executions
+SET lease_expires_at = now() + make_interval(secs => :lease_s)
+WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
+RETURNING lease_expires_at
+
+-- name: finish
+WITH finished AS (
+  UPDATE step_executions
+  SET state = :outcome, ended_at = now(), error = :error
+  WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
+  RETURNING idempotency_key, lease_token, state
+), closed AS (
+  UPDATE execution_log AS log
+  SET outcome = finished.state, ended_at = now(), error = :error
+  FROM finished
+  WHERE log.idempotency_key = finished.idempotency_key AND log.lease_token = finished.lease_token
+)
+SELECT state FROM finished
+
+-- name: abandon
+-- Only a RUNNING attempt whose lease has expired, fenced on the token the caller saw.
+WITH abandoned AS (
+  UPDATE step_executions
+  SET state = 'ABANDONED', ended_at = now(),
+      error = format('lease of worker %s (token %s) expired at %s', owner, lease_token, lease_expires_at)
+  WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
+    AND lease_expires_at <= now()
+  RETURNING idempotency_key, lease_token, error
+), closed AS (
+  UPDATE execution_log AS log
+  SET outcome = 'ABANDONED', ended_at = now(), error = abandoned.error
+  FROM abandoned
+  WHERE log.idempotency_key = abandoned.idempotency_key AND log.lease_token = abandoned.lease_token
+)
+SELECT error FROM abandoned
+
+-- name: cancel
+WITH cancelled AS (
+  UPDATE step_executions
+  SET state = 'CANCELLED', ended_at = now(), error = 'cancelled'
+  WHERE idempotency_key = :key AND state IN ('QUEUED', 'RUNNING')
+  RETURNING idempotency_key, lease_token
+), closed AS (
+  UPDATE execution_log AS log
+  SET outcome = 'CANCELLED', ended_at = now()
+  FROM cancelled
+  WHERE log.idempotency_key = cancelled.idempotency_key AND log.lease_token = cancelled.lease_token
+)
+SELECT idempotency_key FROM cancelled
+
+-- name: get_execution
+SELECT *, lease_expires_at <= now() AS lease_expired
+FROM step_executions
+WHERE idempotency_key = :key
+
+-- name: list_executions
+SELECT *, lease_expires_at <= now() AS lease_expired
+FROM step_executions
+WHERE run_id = :run_id
+ORDER BY enqueued_at, idempotency_key
+
+-- name: list_log
+SELECT * FROM execution_log WHERE run_id = :run_id ORDER BY id

@@ -1,0 +1,1 @@
+"""The demo application: example jobs, the local stack, the load simulator and `verify`."""

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real moto server over HTTP and a private PostgreSQL schema per test."""
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dagster_taskiq import store
+from dagster_taskiq.settings import Settings
+from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, MotoServer, start_moto
+
+# Tests reach AWS only through the emulator; never through credentials or a profile on the machine.
+for name, value in {**EMULATOR_CREDENTIALS, 'AWS_DEFAULT_REGION': 'us-east-1'}.items():
+    os.environ[name] = value
+for name in (
+    'AWS_PROFILE',
+    'AWS_ENDPOINT_URL',
+    'AWS_ENDPOINT_URL_SQS',
+    'DAGSTER_TASKIQ_SIGNING_KEY',
+):
+    os.environ.pop(name, None)
+
+BASE_DATABASE_URL = os.environ.get(
+    'DAGSTER_TASKIQ_TEST_DATABASE_URL', 'postgresql://postgres@127.0.0.1:5432/test'
+)
+
+
+@pytest.fixture(scope='session')
+def moto_server() -> Iterator[MotoServer]:
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+def _libpq_dsn(url: str) -> str:
+    return (
+        make_url(url).set(drivername='postgresql', query={}).render_as_string(hide_password=False)
+    )
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A URL whose connections see only a fresh schema of their own, dropped after the test."""
+    schema = f'test_{uuid.uuid4().hex[:12]}'
+    dsn = _libpq_dsn(BASE_DATABASE_URL)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL('CREATE SCHEMA {}').format(sql.Identifier(schema)))
+    yield str(make_url(BASE_DATABASE_URL).update_query_dict({'options': f'-csearch_path={schema}'}))
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL('DROP SCHEMA {} CASCADE').format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An async engine on a migrated private schema."""
+    store.upgrade(database_url)
+    engine = store.async_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def settings(moto_server: MotoServer) -> Settings:
+    """Settings for a fresh queue pair on the shared moto server, with short backoffs."""
+    return Settings(
+        aws_endpoint_url=moto_server.url,
+        queue_name=f'steps-{uuid.uuid4().hex[:10]}',
+        retry_base_s=0.05,
+        retry_max_s=0.2,
+    )
