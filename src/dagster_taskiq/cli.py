@@ -1,6 +1,7 @@
-"""`dagster-taskiq`: database migrations, queue bootstrap (and later the worker and auto-scaler)."""
+"""`dagster-taskiq`: the worker, database migrations and queue bootstrap."""
 
 import asyncio
+from pathlib import Path
 
 import click
 
@@ -8,6 +9,14 @@ from dagster_taskiq import store
 from dagster_taskiq.logs import configure_logging
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import CircuitBreaker, QueueUrls, bootstrap, sqs_client
+from dagster_taskiq.worker import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_POLL_WAIT_S,
+    WorkerOptions,
+    default_worker_id,
+    serve,
+)
 
 
 @click.group()
@@ -39,3 +48,48 @@ def bootstrap_command() -> None:
     """Create the step queue and its dead-letter queue (idempotent); print the queue URL."""
     urls = asyncio.run(bootstrap_queues(Settings()))
     click.echo(urls.queue_url)
+
+
+@main.command()
+@click.option('--concurrency', default=DEFAULT_CONCURRENCY, show_default=True, help='Step slots.')
+@click.option(
+    '--drain-timeout',
+    default=DEFAULT_DRAIN_TIMEOUT_S,
+    show_default=True,
+    help='Seconds running steps get to finish after SIGTERM before they are released.',
+)
+@click.option('--poll-wait', default=DEFAULT_POLL_WAIT_S, show_default=True, help='Long poll, s.')
+@click.option('--metrics-port', type=int, help='Serve /healthz and /metrics on this port.')
+@click.option(
+    '--preload',
+    multiple=True,
+    help='Module to import once in the warm step-process parent (e.g. your Definitions module).',
+)
+@click.option('--worker-id', default=default_worker_id, help='Defaults to <host>-<pid>.')
+@click.option(
+    '--journal-dir',
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path('.dagster-taskiq-journal'),
+    show_default=True,
+    help='Where outcomes wait while the database is unreachable.',
+)
+def worker(
+    concurrency: int,
+    drain_timeout: float,
+    poll_wait: int,
+    metrics_port: int | None,
+    preload: tuple[str, ...],
+    worker_id: str,
+    journal_dir: Path,
+) -> None:
+    """Run steps from the SQS queue until SIGTERM (then drain and exit 0)."""
+    options = WorkerOptions(
+        concurrency=concurrency,
+        drain_timeout_s=drain_timeout,
+        poll_wait_s=poll_wait,
+        metrics_port=metrics_port,
+        preload=preload,
+        worker_id=worker_id,
+        journal_dir=journal_dir,
+    )
+    asyncio.run(serve(Settings(), options))

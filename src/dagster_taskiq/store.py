@@ -6,7 +6,8 @@ expires is never taken over: `abandon` marks the attempt ABANDONED (fenced on th
 Dagster retries the step under a new key. The SQL lives in sql/queries.sql.
 """
 
-from collections.abc import AsyncIterator, Sequence
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -156,13 +157,32 @@ async def heartbeat(engine: AsyncEngine, key: str, *, token: int, lease_s: float
 
 
 async def finish(
-    engine: AsyncEngine, key: str, *, token: int, outcome: StepState, error: str | None = None
+    engine: AsyncEngine,
+    key: str,
+    *,
+    token: int,
+    outcome: StepState,
+    error: str | None = None,
+    effects: Sequence[Mapping[str, Any]] = (),
 ) -> bool:
-    """Record COMPLETED or FAILED for the holder of `token`; False when the token is stale."""
+    """Record COMPLETED or FAILED for the holder of `token`; False when the token is stale.
+
+    `effects` (name, payload) are written in the same transaction, and only if this call wins.
+    """
     if outcome not in (StepState.COMPLETED, StepState.FAILED):
         raise ValueError(f'an attempt finishes COMPLETED or FAILED, not {outcome}')
-    row = await _first(engine, 'finish', key=key, token=token, outcome=str(outcome), error=error)
-    return row is not None
+    async with _transaction(engine) as connection:
+        params = {'key': key, 'token': token, 'outcome': str(outcome), 'error': error}
+        finished = (await connection.execute(QUERIES['finish'], params)).first() is not None
+        if finished and effects:
+            await connection.execute(
+                QUERIES['insert_effect'],
+                [
+                    {'key': key, 'name': effect['name'], 'payload': json.dumps(effect['payload'])}
+                    for effect in effects
+                ],
+            )
+        return finished
 
 
 async def abandon(engine: AsyncEngine, key: str, *, token: int) -> str | None:
@@ -175,18 +195,53 @@ async def abandon(engine: AsyncEngine, key: str, *, token: int) -> str | None:
     return None if row is None else str(row['error'])
 
 
-async def cancel(engine: AsyncEngine, key: str) -> bool:
-    """Mark a QUEUED or RUNNING attempt CANCELLED; its owner sees it at the next heartbeat."""
-    return await _first(engine, 'cancel', key=key) is not None
+async def expire_lease(engine: AsyncEngine, key: str, *, token: int) -> bool:
+    """End the lease of the holder of `token` now, so the attempt can be abandoned and retried."""
+    return await _first(engine, 'expire_lease', key=key, token=token) is not None
+
+
+async def cancel(
+    engine: AsyncEngine, key: str, *, reason: str = 'cancelled', only_queued: bool = False
+) -> bool:
+    """Mark a QUEUED (or RUNNING) attempt CANCELLED; an owner sees it at its next heartbeat."""
+    states = ['QUEUED'] if only_queued else ['QUEUED', 'RUNNING']
+    return await _first(engine, 'cancel', key=key, reason=reason, states=states) is not None
 
 
 async def get_execution(engine: AsyncEngine, key: str) -> RowMapping | None:
-    """The attempt's row, with a computed `lease_expired`, or None for an unknown key."""
+    """The attempt's row, with computed `lease_expired` and `age_s`, or None for an unknown key."""
     return await _first(engine, 'get_execution', key=key)
 
 
 async def list_executions(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:
     return await _all(engine, 'list_executions', run_id=run_id)
+
+
+async def list_effects(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:
+    return await _all(engine, 'list_effects', run_id=run_id)
+
+
+async def worker_seen(
+    engine: AsyncEngine, worker_id: str, *, concurrency: int, running: int
+) -> None:
+    """Register or refresh a live worker (it calls this every heartbeat interval)."""
+    async with _transaction(engine) as connection:
+        await connection.execute(
+            QUERIES['worker_seen'],
+            {'worker_id': worker_id, 'concurrency': concurrency, 'running': running},
+        )
+
+
+async def worker_stopped(engine: AsyncEngine, worker_id: str) -> None:
+    async with _transaction(engine) as connection:
+        await connection.execute(QUERIES['worker_stopped'], {'worker_id': worker_id})
+
+
+async def live_workers(engine: AsyncEngine, within_s: float) -> RowMapping:
+    """Workers seen within `within_s`: their count, slots and running steps."""
+    row = await _first(engine, 'live_workers', within_s=within_s)
+    assert row is not None  # an aggregate always returns a row
+    return row
 
 
 async def list_log(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:

@@ -23,7 +23,7 @@ from dagster_taskiq.logs import configure_logging, get_logger
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import CircuitBreaker, SqsQueue, bootstrap, sqs_client
 from dagster_taskiq.store import Claimed, StepState
-from dagster_taskiq_demo.definitions import hello_job
+from dagster_taskiq_demo.definitions import fast_job
 from dagster_taskiq_demo.emulator import DEFAULT_MOTO_PORT, EMULATOR_CREDENTIALS, start_moto
 
 log = get_logger(__name__)
@@ -37,14 +37,14 @@ def main() -> None:
 
 def demo_task(run_id: str) -> message.OpExecutionTask:
     args = ExecuteStepArgs(
-        job_origin=reconstructable(hello_job).get_python_origin(),
+        job_origin=reconstructable(fast_job).get_python_origin(),
         run_id=run_id,
-        step_keys_to_execute=['say_hello'],
+        step_keys_to_execute=['ping'],
         retry_mode=RetryMode.ENABLED,
         known_state=KnownExecutionState(),
         should_verify_step=True,
     )
-    return message.build_task(args, job_name=hello_job.name, enqueued_at=time.time())
+    return message.build_task(args, job_name=fast_job.name, enqueued_at=time.time())
 
 
 async def process_one(queue: SqsQueue, settings: Settings, worker_id: str) -> None:

@@ -1,16 +1,147 @@
-"""Demo jobs. (The executor issue wires them to `taskiq_executor` and adds the rest.)"""
+"""Demo jobs, every one on `taskiq_executor`.
 
-from dagster import Definitions, job, op
+Every job sets `op_retry_policy`: when a worker is lost mid-step, Dagster retries the step as a new
+attempt only for ops with a RetryPolicy (without one, the step fails naming the lost worker).
+Step outputs go through the IO manager: a folder shared by the local workers, or S3 when
+`DAGSTER_TASKIQ_DEMO_S3_BUCKET` is set (with `DAGSTER_TASKIQ_DEMO_S3_ENDPOINT_URL` for moto).
+"""
+
+import os
+import time
+
+from dagster import (
+    Config,
+    Definitions,
+    DynamicOut,
+    DynamicOutput,
+    FilesystemIOManager,
+    In,
+    Nothing,
+    OpExecutionContext,
+    RetryPolicy,
+    job,
+    op,
+)
+from dagster_aws.s3 import S3PickleIOManager, S3Resource
+
+from dagster_taskiq.executor import taskiq_executor
+from dagster_taskiq.step_process import record_effect
+
+RETRY_POLICY = RetryPolicy(max_retries=2)
+FAN_OUT_WIDTH = 12
+
+
+def demo_io_manager() -> FilesystemIOManager | S3PickleIOManager:
+    bucket = os.environ.get('DAGSTER_TASKIQ_DEMO_S3_BUCKET')
+    if not bucket:
+        return FilesystemIOManager()  # under DAGSTER_HOME: a folder every local worker shares
+    endpoint_url = os.environ.get('DAGSTER_TASKIQ_DEMO_S3_ENDPOINT_URL')
+    return S3PickleIOManager(
+        s3_resource=S3Resource(endpoint_url=endpoint_url), s3_bucket=bucket, s3_prefix='demo'
+    )
 
 
 @op
-def say_hello() -> str:
-    return 'hello'
+def ping() -> int:
+    return 1
 
 
-@job
-def hello_job() -> None:
-    say_hello()
+@op
+def add_one(value: int) -> int:
+    return value + 1
 
 
-defs = Definitions(jobs=[hello_job])
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def fast_job() -> None:
+    """Three millisecond ops in a chain."""
+    add_one(add_one(ping()))
+
+
+class SleepConfig(Config):
+    seconds: float = 2.0
+
+
+@op
+def sleep_then_return(config: SleepConfig) -> int:
+    time.sleep(config.seconds)
+    return round(config.seconds * 1000)
+
+
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def slow_job() -> None:
+    """One op that sleeps `seconds` (run config), then one that follows it."""
+    add_one(sleep_then_return())
+
+
+@op(out=DynamicOut(int))
+def split() -> object:
+    for index in range(FAN_OUT_WIDTH):
+        yield DynamicOutput(index, mapping_key=f'k{index}')
+
+
+@op
+def square(value: int) -> int:
+    return value * value
+
+
+@op
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def fan_out_job() -> None:
+    """`FAN_OUT_WIDTH` parallel ops (step keys like `square[k3]`) and one that collects them."""
+    total(split().map(square).collect())
+
+
+class DemoFailure(Exception):
+    """Raised by the demo's failing ops."""
+
+
+@op
+def always_fails() -> None:
+    raise DemoFailure('this op always fails')
+
+
+@job(executor_def=taskiq_executor)
+def failing_job() -> None:
+    """One op that raises; no RetryPolicy, so the run fails."""
+    always_fails()
+
+
+@op(retry_policy=RetryPolicy(max_retries=3))
+def fails_first_time(context: OpExecutionContext) -> int:
+    if context.retry_number == 0:
+        raise DemoFailure('transient failure on the first attempt')
+    return context.retry_number
+
+
+@job(executor_def=taskiq_executor)
+def flaky_job() -> None:
+    """An op that fails its first attempt and succeeds on the retry."""
+    add_one(fails_first_time())
+
+
+@op
+def write_effect(context: OpExecutionContext) -> None:
+    record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
+
+
+@op(ins={'after': In(Nothing)})
+def write_effect_after(context: OpExecutionContext) -> None:
+    record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
+
+
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def side_effect_job() -> None:
+    """Ops whose effects are written with the attempt's completion (the transactional outbox)."""
+    first = write_effect.alias('effect_a')()
+    write_effect_after.alias('effect_b')(first)
+    write_effect.alias('effect_c')()
+
+
+defs = Definitions(
+    jobs=[fast_job, slow_job, fan_out_job, failing_job, flaky_job, side_effect_job],
+    resources={'io_manager': demo_io_manager()},
+)

@@ -72,8 +72,8 @@ SELECT error FROM abandoned
 -- name: cancel
 WITH cancelled AS (
   UPDATE step_executions
-  SET state = 'CANCELLED', ended_at = now(), error = 'cancelled'
-  WHERE idempotency_key = :key AND state IN ('QUEUED', 'RUNNING')
+  SET state = 'CANCELLED', ended_at = now(), error = :reason
+  WHERE idempotency_key = :key AND state = ANY(:states)
   RETURNING idempotency_key, lease_token
 ), closed AS (
   UPDATE execution_log AS log
@@ -84,7 +84,8 @@ WITH cancelled AS (
 SELECT idempotency_key FROM cancelled
 
 -- name: get_execution
-SELECT *, lease_expires_at <= now() AS lease_expired
+SELECT *, lease_expires_at <= now() AS lease_expired,
+       extract(epoch FROM now() - enqueued_at) AS age_s
 FROM step_executions
 WHERE idempotency_key = :key
 
@@ -96,3 +97,35 @@ ORDER BY enqueued_at, idempotency_key
 
 -- name: list_log
 SELECT * FROM execution_log WHERE run_id = :run_id ORDER BY id
+
+-- name: insert_effect
+-- Run in the transaction of a `finish` that succeeded, never on its own.
+INSERT INTO step_effects (idempotency_key, run_id, step_key, name, payload)
+SELECT idempotency_key, run_id, step_key, :name, CAST(:payload AS jsonb)
+FROM step_executions
+WHERE idempotency_key = :key
+
+-- name: list_effects
+SELECT * FROM step_effects WHERE run_id = :run_id ORDER BY id
+
+-- name: worker_seen
+INSERT INTO workers (worker_id, concurrency, running)
+VALUES (:worker_id, :concurrency, :running)
+ON CONFLICT (worker_id) DO UPDATE
+SET running = EXCLUDED.running, last_seen_at = now(), stopped_at = NULL
+
+-- name: worker_stopped
+UPDATE workers SET running = 0, stopped_at = now(), last_seen_at = now()
+WHERE worker_id = :worker_id
+
+-- name: live_workers
+SELECT count(*) AS workers, coalesce(sum(concurrency), 0) AS slots, coalesce(sum(running), 0) AS running
+FROM workers
+WHERE stopped_at IS NULL AND last_seen_at > now() - make_interval(secs => :within_s)
+
+-- name: expire_lease
+-- A draining worker releases an attempt it will not finish: the lease ends now (fenced).
+UPDATE step_executions
+SET lease_expires_at = now()
+WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
+RETURNING idempotency_key

@@ -1,0 +1,298 @@
+"""`taskiq_executor`: Dagster's StepDelegatingExecutor with an SQS step handler.
+
+`launch_step` records the attempt QUEUED and sends its `OpExecutionTask`; `check_step_health` reads
+the store (an expired lease is abandoned, fenced, and reported unhealthy, so the op's RetryPolicy
+runs attempt n+1 under a new key); `terminate_step` marks the attempt CANCELLED. The handler is
+sync, as Dagster calls it; it runs the async store and queue on an event loop thread of its own.
+"""
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Iterator, Mapping
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+from dagster import Field, IntSource, Noneable, StringSource, executor
+from dagster import _check as check
+from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+from dagster._core.execution.context.system import PlanOrchestrationContext
+from dagster._core.execution.plan.plan import ExecutionPlan
+from dagster._core.execution.retries import RetryMode, get_retries_config
+from dagster._core.execution.tags import get_tag_concurrency_limits_config
+from dagster._core.executor.base import Executor
+from dagster._core.executor.init import InitExecutorContext
+from dagster._core.executor.step_delegating import (
+    CheckStepHealthResult,
+    StepDelegatingExecutor,
+    StepHandler,
+    StepHandlerContext,
+)
+from sqlalchemy.engine import RowMapping
+
+from dagster_taskiq import message, store
+from dagster_taskiq.errors import DagsterTaskiqError
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import SqsQueue, open_queue
+
+T = TypeVar('T')
+
+DEFAULT_SLEEP_SECONDS = 0.1  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
+LIVE_WORKER_WINDOW_S = 60.0
+_TERMINAL_EVENTS = {
+    DagsterEventType.STEP_SUCCESS,
+    DagsterEventType.STEP_FAILURE,
+    DagsterEventType.STEP_UP_FOR_RETRY,
+}
+# executor config key -> Settings field; absent keys fall back to DAGSTER_TASKIQ_* / AWS_* variables
+_SETTINGS_FIELDS = {
+    'queue_url': 'queue_url',
+    'queue_name': 'queue_name',
+    'endpoint_url': 'aws_endpoint_url',
+    'region': 'aws_region',
+    'database_url': 'database_url',
+}
+
+TASKIQ_CONFIG = {
+    'queue_url': Field(StringSource, is_required=False, description='URL of the step queue.'),
+    'queue_name': Field(
+        StringSource, is_required=False, description='Name of the step queue (if no queue_url).'
+    ),
+    'endpoint_url': Field(
+        StringSource, is_required=False, description='AWS endpoint (moto, LocalStack); unset: AWS.'
+    ),
+    'region': Field(StringSource, is_required=False, description='AWS region.'),
+    'database_url': Field(
+        StringSource, is_required=False, description='PostgreSQL URL of the idempotency store.'
+    ),
+    'max_concurrent': Field(
+        IntSource, is_required=False, description='Most steps of one run queued or running at once.'
+    ),
+    'tag_concurrency_limits': get_tag_concurrency_limits_config(),  # type: ignore[no-untyped-call]
+    'retries': get_retries_config(),  # type: ignore[no-untyped-call]
+    'sleep_seconds': Field(
+        float,
+        default_value=DEFAULT_SLEEP_SECONDS,
+        description='Interval of the executor loop that polls the event log for step outcomes.',
+    ),
+    'check_step_health_interval_seconds': Field(
+        int,
+        default_value=DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        description='How often running steps are checked in the store (lost workers, cancels).',
+    ),
+    'step_queued_timeout_seconds': Field(
+        Noneable(float),
+        default_value=None,
+        description='Fail (and cancel) an attempt still queued after this long; None: wait.',
+    ),
+}
+
+
+class _LoopThread:
+    """An event loop on a thread of its own, so sync code can await the async store and queue."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+class SqsStepHandler(StepHandler):
+    def __init__(self, settings: Settings, step_queued_timeout_s: float | None = None) -> None:
+        self.settings = settings
+        self.step_queued_timeout_s = step_queued_timeout_s
+        self._loop: _LoopThread | None = None
+        self._resources = AsyncExitStack()
+        self._queue: SqsQueue | None = None
+        self._engine = store.async_engine(settings.database_url)
+
+    @property
+    def name(self) -> str:
+        return 'SqsStepHandler'
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            self._loop = _LoopThread('dagster-taskiq-executor')
+        return self._loop.run(coroutine)
+
+    async def _opened_queue(self) -> SqsQueue:
+        if self._queue is None:
+            self._queue = await self._resources.enter_async_context(open_queue(self.settings))
+        return self._queue
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._resources.push_async_callback(self._engine.dispose)
+            self._loop.run(self._resources.aclose())
+            self._loop.close()
+            self._loop = None
+
+    # ----- launch -----
+
+    async def _enqueue(self, task: message.OpExecutionTask) -> str:
+        recorded = await store.record_enqueued(
+            self._engine,
+            task.idempotency_key,
+            run_id=task.run_id,
+            job_name=task.job_name,
+            step_key=task.step_key,
+            attempt=task.attempt,
+        )
+        if not recorded:
+            row = await store.get_execution(self._engine, task.idempotency_key)
+            raise DagsterTaskiqError(
+                f'attempt {task.idempotency_key} was launched before (now {row and row["state"]}); '
+                'an attempt key runs at most once'
+            )
+        queue = await self._opened_queue()
+        body = message.encode(task, self.settings.signing_key_bytes)
+        attributes: dict[str, str | int] = {
+            'run_id': task.run_id,
+            'step_key': task.step_key,
+            'attempt': task.attempt,
+        }
+        return await queue.send(body, attributes)
+
+    def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        task = message.build_task(
+            step_handler_context.execute_step_args,
+            job_name=step_handler_context.dagster_run.job_name,
+            enqueued_at=time.time(),
+        )
+        message_id = self._run(self._enqueue(task))
+        # Events yielded here are discarded by Dagster, so this one is written, not yielded.
+        DagsterEvent.step_worker_starting(
+            step_handler_context.get_step_context(task.step_key),
+            f'Queued attempt {task.attempt} of step "{task.step_key}" on SQS.',
+            metadata={'idempotency_key': task.idempotency_key, 'message_id': message_id},
+        )
+        yield from ()
+
+    # ----- health -----
+
+    def _failure_reported(self, context: StepHandlerContext, step_key: str, attempt: int) -> bool:
+        """Whether Dagster's event log already ended this attempt (one terminal event each)."""
+        records = context.instance.get_records_for_run(
+            context.execute_step_args.run_id, of_type=_TERMINAL_EVENTS
+        ).records
+        ended = [r for r in records if r.event_log_entry.step_key == step_key]
+        return len(ended) > attempt
+
+    async def _queued_too_long(self, key: str, age_s: float) -> str | None:
+        if not await store.cancel(
+            self._engine, key, reason=f'still queued after {age_s:.0f} s', only_queued=True
+        ):
+            return None  # a worker claimed it meanwhile
+        depth = await (await self._opened_queue()).depth()
+        workers = await store.live_workers(self._engine, LIVE_WORKER_WINDOW_S)
+        return (
+            f'attempt {key} waited {age_s:.0f} s in the queue '
+            f'(> step_queued_timeout_seconds={self.step_queued_timeout_s}); queue depth: '
+            f'{depth.visible} visible, {depth.in_flight} in flight; live workers: '
+            f'{workers["workers"]} with {workers["running"]}/{workers["slots"]} slots busy'
+        )
+
+    async def _health(self, key: str) -> tuple[str | None, RowMapping | None]:
+        """(unhealthy reason or None, the attempt's row) from the store's point of view."""
+        row = await store.get_execution(self._engine, key)
+        if row is None:
+            return f'no record of attempt {key} in the idempotency store', None
+        state = row['state']
+        if state == store.StepState.RUNNING and row['lease_expired']:
+            reason = await store.abandon(self._engine, key, token=row['lease_token'])
+            if reason is None:  # renewed, finished or abandoned meanwhile: look again
+                return await self._health(key)
+            return f'worker lost: {reason}', row
+        timeout_s = self.step_queued_timeout_s
+        if state == store.StepState.QUEUED and timeout_s is not None and row['age_s'] > timeout_s:
+            return await self._queued_too_long(key, float(row['age_s'])), row
+        if state == store.StepState.ABANDONED:
+            return f'worker lost: {row["error"]}', row
+        if state == store.StepState.CANCELLED:
+            return f'attempt {key} was cancelled: {row["error"]}', row
+        return None, row
+
+    def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
+        step_key, attempt, key = message.step_identity(step_handler_context.execute_step_args)
+        reason, row = self._run(self._health(key))
+        if reason is not None:
+            return CheckStepHealthResult.unhealthy(reason)
+        if (
+            row is not None
+            and row['state'] == store.StepState.FAILED
+            and not self._failure_reported(step_handler_context, step_key, attempt)
+        ):
+            return CheckStepHealthResult.unhealthy(
+                f'worker {row["owner"]} failed attempt {key} before Dagster recorded an '
+                f'outcome: {row["error"]}'
+            )
+        return CheckStepHealthResult.healthy()
+
+    # ----- terminate -----
+
+    def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        step_key, _, key = message.step_identity(step_handler_context.execute_step_args)
+        cancelled = self._run(store.cancel(self._engine, key, reason='run terminated'))
+        DagsterEvent.engine_event(
+            step_handler_context.get_step_context(step_key),
+            f'Cancelled attempt {key}' if cancelled else f'Attempt {key} had already ended',
+            EngineEventData(),
+        )
+        yield from ()
+
+
+class TaskiqExecutor(StepDelegatingExecutor):
+    """Closes the step handler's connections when the run's execution ends."""
+
+    def __init__(self, step_handler: SqsStepHandler, **kwargs: Any) -> None:
+        super().__init__(step_handler, **kwargs)
+        self.sqs_step_handler = step_handler
+
+    def execute(
+        self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
+    ) -> Iterator[DagsterEvent]:
+        try:
+            yield from super().execute(plan_context, execution_plan)
+        finally:
+            self.sqs_step_handler.close()
+
+
+def settings_from_config(config: Mapping[str, Any]) -> Settings:
+    overrides = {field: config[key] for key, field in _SETTINGS_FIELDS.items() if key in config}
+    return Settings(**overrides)
+
+
+@executor(
+    name='taskiq',
+    config_schema=TASKIQ_CONFIG,
+    requirements=multiple_process_executor_requirements(),
+)
+def taskiq_executor(init_context: InitExecutorContext) -> Executor:
+    """Runs each step of the run on dagster-taskiq workers fed by an SQS queue.
+
+    Workers (`dagster-taskiq worker`) must reach the same Dagster instance (PostgreSQL storage) and
+    the same code. Give ops a RetryPolicy: a step whose worker is lost is retried as a new attempt
+    only under one; without it the step fails with a message naming the lost worker.
+    """
+    config: Mapping[str, Any] = init_context.executor_config
+    return TaskiqExecutor(
+        step_handler=SqsStepHandler(
+            settings_from_config(config), config['step_queued_timeout_seconds']
+        ),
+        retries=check.not_none(RetryMode.from_config(config['retries'])),
+        max_concurrent=config.get('max_concurrent'),
+        tag_concurrency_limits=config.get('tag_concurrency_limits'),
+        sleep_seconds=config['sleep_seconds'],
+        check_step_health_interval_seconds=config['check_step_health_interval_seconds'],
+        should_verify_step=True,
+    )

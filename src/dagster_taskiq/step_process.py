@@ -1,0 +1,94 @@
+"""What runs inside a step's own process, forked from the worker's warm forkserver.
+
+The child executes exactly one step attempt through Dagster's own execute-step machinery (the body
+of `dagster api execute_step`) against the shared Dagster instance, then sends a `StepOutcome` to
+the worker over a pipe. SIGTERM reaches Dagster's interrupt handling, so a cancelled step ends with
+Dagster's own events. Ops may record side effects with `record_effect`; the worker writes them in
+the same transaction that marks the attempt COMPLETED (the transactional outbox).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from dagster import DagsterEventType, DagsterInstance
+from dagster._cli.api import _execute_step_command_body
+from dagster._grpc.types import ExecuteStepArgs
+from dagster._serdes import deserialize_value
+from dagster._utils.interrupts import capture_interrupts
+
+MAX_ERROR_CHARS = 8000
+_TERMINAL_EVENTS = {
+    DagsterEventType.STEP_SUCCESS,
+    DagsterEventType.STEP_FAILURE,
+    DagsterEventType.STEP_UP_FOR_RETRY,
+}
+_effects: list[dict[str, Any]] = []
+
+
+@dataclass
+class StepOutcome:
+    succeeded: bool = False
+    # Dagster's event log already holds this attempt's terminal event (success, failure or retry)
+    reported: bool = False
+    error: str | None = None
+    effects: list[dict[str, Any]] = field(default_factory=list)
+
+
+def record_effect(name: str, payload: dict[str, Any]) -> None:
+    """Record a side effect of the running step, written only if the attempt completes.
+
+    Call it from an op's body; outside a taskiq step process the effect is kept in memory only.
+    """
+    _effects.append({'name': name, 'payload': json.loads(json.dumps(payload))})
+
+
+def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
+    with DagsterInstance.from_ref(args.instance_ref) as instance:  # type: ignore[arg-type]
+        run = instance.get_run_by_id(args.run_id)
+        if run is None:
+            outcome.error = f'run {args.run_id} not found in the Dagster instance'
+            return
+        for event in _execute_step_command_body(args, instance, run):
+            if event.event_type in _TERMINAL_EVENTS:
+                outcome.reported = True
+                outcome.succeeded = event.event_type is DagsterEventType.STEP_SUCCESS
+                if not outcome.succeeded:
+                    error = getattr(event.event_specific_data, 'error', None)
+                    outcome.error = error.to_string() if error else event.message
+    if not outcome.reported and outcome.error is None:
+        outcome.error = 'Dagster did not execute the step (already started, or the run has ended)'
+
+
+def _die_with_worker(lifeline: Connection) -> None:
+    """Kill this process when the worker is gone (its end of `lifeline` closes).
+
+    The step process is a child of the forkserver, not of the worker, so nothing else would stop
+    it when the worker is SIGKILLed; a step that outlived its worker could report to Dagster after
+    its attempt was abandoned.
+    """
+    with contextlib.suppress(EOFError):
+        lifeline.recv()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_step(execute_step_args: str, result: Connection, lifeline: Connection) -> None:
+    """Entry point of the step process: execute the step, send the outcome to the worker."""
+    threading.Thread(target=_die_with_worker, args=(lifeline,), daemon=True).start()
+    outcome = StepOutcome()
+    try:
+        with capture_interrupts():
+            _execute(deserialize_value(execute_step_args, ExecuteStepArgs), outcome)
+    except BaseException:  # noqa: BLE001 - the worker must hear of any ending, interrupts too
+        outcome.error = traceback.format_exc()[-MAX_ERROR_CHARS:]
+    outcome.effects = list(_effects) if outcome.succeeded else []
+    if outcome.error:
+        outcome.error = outcome.error[-MAX_ERROR_CHARS:]
+    result.send(outcome)
+    result.close()

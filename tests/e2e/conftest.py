@@ -1,0 +1,202 @@
+"""End-to-end fixtures: a Dagster instance on PostgreSQL, a queue, and real worker subprocesses."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from dagster import DagsterInstance
+from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from psycopg import sql
+from psycopg.rows import dict_row
+from sqlalchemy.engine import make_url
+
+from dagster_taskiq import store
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import QueueUrls
+from dagster_taskiq_demo.emulator import MotoServer
+from tests.conftest import BASE_DATABASE_URL
+
+LEASE_S = 3.0  # heartbeats every second; a lost worker's lease expires within 3 s
+DEFINITIONS_MODULE = 'dagster_taskiq_demo.definitions'
+SIGNING_KEY = 'e2e-signing-key'
+WORKER_STOP_TIMEOUT_S = 60.0
+FAST_RUN_CONFIG: dict[str, Any] = {
+    'execution': {'config': {'check_step_health_interval_seconds': 1}}
+}
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout_s: float = 30.0, what: str = 'condition'
+) -> Any:
+    """Poll `condition` until it returns something truthy (returned), or fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f'{what} not met within {timeout_s} s')
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope='session')
+def e2e_database_url() -> Iterator[str]:
+    """A database of its own for Dagster's storage and the idempotency store."""
+    name = f'e2e_{uuid.uuid4().hex[:10]}'
+    admin = make_url(BASE_DATABASE_URL).set(drivername='postgresql', query={})
+    dsn = admin.render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    store.upgrade(url)
+    yield url
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL('DROP DATABASE {} WITH (FORCE)').format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope='session')
+def dagster_home(e2e_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp('dagster_home')
+    dagster_url = make_url(e2e_database_url).set(drivername='postgresql+psycopg2')
+    (home / 'dagster.yaml').write_text(
+        'storage:\n'
+        '  postgres:\n'
+        f'    postgres_url: "{dagster_url.render_as_string(hide_password=False)}"\n'
+        'telemetry:\n'
+        '  enabled: false\n'
+    )
+    return home
+
+
+def query(database_url: str, statement: str, **params: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(database_url, row_factory=dict_row) as connection:
+        return connection.execute(statement, params).fetchall()
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    database_url: str
+    urls: QueueUrls
+    tmp_path: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def settings(self) -> Settings:
+        return Settings()
+
+    def start_worker(
+        self, concurrency: int = 2, *extra: str, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        worker_id = f'worker-{len(self.workers)}-{uuid.uuid4().hex[:6]}'
+        log_path = self.tmp_path / f'{worker_id}.log'
+        command = [
+            str(Path(sys.executable).with_name('dagster-taskiq')), 'worker',
+            '--concurrency', str(concurrency),
+            '--poll-wait', '1',
+            '--preload', DEFINITIONS_MODULE,
+            '--worker-id', worker_id,
+            '--journal-dir', str(self.tmp_path / 'journal'),
+            *extra,
+        ]  # fmt: skip
+        with log_path.open('wb') as log_file:
+            process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        worker = WorkerProcess(worker_id, process, log_path)
+        self.workers.append(worker)
+        wait_until(
+            lambda: process.poll() is not None or 'worker_started' in worker.log(),
+            what=f'{worker_id} to start',
+        )
+        assert process.poll() is None, worker.log()
+        return worker
+
+    def rows(self, statement: str, **params: Any) -> list[dict[str, Any]]:
+        return query(self.database_url, statement, **params)
+
+    def executions(self, run_id: str) -> list[dict[str, Any]]:
+        return self.rows(
+            'SELECT * FROM step_executions WHERE run_id = %(run_id)s ORDER BY step_key, attempt',
+            run_id=run_id,
+        )
+
+    def log_rows(self, run_id: str) -> list[dict[str, Any]]:
+        return self.rows(
+            'SELECT * FROM execution_log WHERE run_id = %(run_id)s ORDER BY id', run_id=run_id
+        )
+
+
+@pytest.fixture
+def stack(
+    moto_server: MotoServer,
+    e2e_database_url: str,
+    dagster_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Stack]:
+    """A fresh queue on the shared moto server and a Dagster instance; workers stop afterwards."""
+    env = {
+        'DAGSTER_HOME': str(dagster_home),
+        'DATABASE_URL': e2e_database_url,
+        'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': moto_server.url,
+        'DAGSTER_TASKIQ_QUEUE_NAME': f'e2e-{uuid.uuid4().hex[:10]}',
+        'DAGSTER_TASKIQ_LEASE_S': str(LEASE_S),
+        'DAGSTER_TASKIQ_VISIBILITY_TIMEOUT_S': str(int(LEASE_S * 2)),
+        'DAGSTER_TASKIQ_SIGNING_KEY': SIGNING_KEY,
+        'DAGSTER_TASKIQ_RETRY_BASE_S': '0.1',
+        'DAGSTER_TASKIQ_RETRY_MAX_S': '0.5',
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from dagster_taskiq.cli import bootstrap_queues
+
+    urls = asyncio.run(bootstrap_queues(Settings()))
+    stack = Stack(env=env, database_url=e2e_database_url, urls=urls, tmp_path=tmp_path)
+    yield stack
+    for worker in stack.workers:
+        worker.stop()
+
+
+def demo_job(name: str) -> ReconstructableJob:
+    """A demo job as its Definitions bind it (IO manager included), loadable by module name."""
+    repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, 'defs', os.getcwd())
+    return repository.get_reconstructable_job(name)
+
+
+@pytest.fixture
+def instance(stack: Stack) -> Iterator[DagsterInstance]:
+    with DagsterInstance.get() as instance:
+        yield instance
