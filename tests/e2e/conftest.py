@@ -14,8 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from dagster import DagsterInstance
-from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from dagster import DagsterInstance, execute_job
 from psycopg import sql
 from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
@@ -25,14 +24,13 @@ from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import QueueUrls
 from dagster_taskiq_demo.emulator import MotoServer
 from tests.conftest import BASE_DATABASE_URL
+from tests.e2e.jobs import DEFINITIONS_MODULE, FAST_RUN_CONFIG, demo_job
 
 LEASE_S = 3.0  # heartbeats every second; a lost worker's lease expires within 3 s
-DEFINITIONS_MODULE = 'dagster_taskiq_demo.definitions'
 SIGNING_KEY = 'e2e-signing-key'
 WORKER_STOP_TIMEOUT_S = 60.0
-FAST_RUN_CONFIG: dict[str, Any] = {
-    'execution': {'config': {'check_step_health_interval_seconds': 1}}
-}
+WORKER_START_TIMEOUT_S = 90.0  # a cold start imports dagster twice; slow on a loaded 2-core box
+STEP_START_TIMEOUT_S = 120.0
 
 
 def wait_until(
@@ -114,8 +112,25 @@ class Stack:
     def settings(self) -> Settings:
         return Settings()
 
-    def start_worker(
-        self, concurrency: int = 2, *extra: str, env: dict[str, str] | None = None
+    def start_workers(
+        self, count: int, concurrency: int = 2, *extra: str, env: dict[str, str] | None = None
+    ) -> list[WorkerProcess]:
+        """Start `count` workers at once and wait until each has warmed its step processes."""
+        started = [self._spawn_worker(concurrency, extra, env) for _ in range(count)]
+        for worker in started:
+            wait_until(
+                lambda w=worker: w.process.poll() is not None or 'worker_started' in w.log(),
+                timeout_s=WORKER_START_TIMEOUT_S,
+                what=f'{worker.worker_id} to start',
+            )
+            assert worker.process.poll() is None, worker.log()
+        return started
+
+    def start_worker(self, concurrency: int = 2, *extra: str) -> WorkerProcess:
+        return self.start_workers(1, concurrency, *extra)[0]
+
+    def _spawn_worker(
+        self, concurrency: int, extra: tuple[str, ...], env: dict[str, str] | None
     ) -> WorkerProcess:
         worker_id = f'worker-{len(self.workers)}-{uuid.uuid4().hex[:6]}'
         log_path = self.tmp_path / f'{worker_id}.log'
@@ -137,11 +152,6 @@ class Stack:
             )
         worker = WorkerProcess(worker_id, process, log_path)
         self.workers.append(worker)
-        wait_until(
-            lambda: process.poll() is not None or 'worker_started' in worker.log(),
-            what=f'{worker_id} to start',
-        )
-        assert process.poll() is None, worker.log()
         return worker
 
     def rows(self, statement: str, **params: Any) -> list[dict[str, Any]]:
@@ -190,13 +200,24 @@ def stack(
         worker.stop()
 
 
-def demo_job(name: str) -> ReconstructableJob:
-    """A demo job as its Definitions bind it (IO manager included), loadable by module name."""
-    repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, 'defs', os.getcwd())
-    return repository.get_reconstructable_job(name)
-
-
 @pytest.fixture
 def instance(stack: Stack) -> Iterator[DagsterInstance]:
     with DagsterInstance.get() as instance:
         yield instance
+
+
+def run(
+    instance: DagsterInstance, job_name: str, config: dict[str, Any] | None = None
+) -> tuple[bool, str]:
+    """Execute a demo job in this process (the run worker); (success, run_id)."""
+    run_config = {**FAST_RUN_CONFIG, **(config or {})}
+    with execute_job(demo_job(job_name), instance, run_config=run_config) as result:
+        return result.success, result.run_id
+
+
+def slow_config(seconds: float) -> dict[str, Any]:
+    return {'ops': {'sleep_then_return': {'config': {'seconds': seconds}}}}
+
+
+def attempts(stack: Stack, run_id: str) -> list[tuple[str, int, str]]:
+    return [(r['step_key'], r['attempt'], r['state']) for r in stack.executions(run_id)]

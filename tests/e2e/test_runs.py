@@ -4,9 +4,9 @@ from collections import Counter
 
 import boto3
 import pytest
-from dagster import DagsterEventType, DagsterInstance, execute_job
+from dagster import DagsterEventType, DagsterInstance
 
-from tests.e2e.conftest import FAST_RUN_CONFIG, Stack, demo_job
+from tests.e2e.conftest import Stack, attempts, run
 
 
 def step_starts(instance: DagsterInstance, run_id: str) -> Counter[str]:
@@ -16,20 +16,9 @@ def step_starts(instance: DagsterInstance, run_id: str) -> Counter[str]:
     return Counter(record.event_log_entry.step_key for record in records)
 
 
-def run(instance: DagsterInstance, job_name: str, config: dict | None = None) -> tuple[bool, str]:
-    run_config = {**FAST_RUN_CONFIG, **(config or {})}
-    with execute_job(demo_job(job_name), instance, run_config=run_config) as result:
-        return result.success, result.run_id
-
-
-def attempts(stack: Stack, run_id: str) -> list[tuple[str, int, str]]:
-    return [(r['step_key'], r['attempt'], r['state']) for r in stack.executions(run_id)]
-
-
 @pytest.mark.slow
 def test_demo_jobs_end_as_expected(stack: Stack, instance: DagsterInstance) -> None:
-    stack.start_worker(concurrency=4)
-    stack.start_worker(concurrency=4)
+    stack.start_workers(2, 4)
 
     ok, run_id = run(instance, 'fast_job')
     assert ok
@@ -101,8 +90,7 @@ def test_outputs_travel_between_workers_through_s3(
     }
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
-    stack.start_worker(concurrency=1)
-    stack.start_worker(concurrency=1)
+    stack.start_workers(2, 1, env=s3_env)
     ok, run_id = run(instance, 'fast_job')
     assert ok
     keys = {

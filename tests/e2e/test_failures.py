@@ -1,0 +1,248 @@
+"""Crashes, duplicates, cancellation, bad messages and shutdown, with real workers and runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+import pytest
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+from dagster_taskiq import message
+from tests.e2e.conftest import (
+    LEASE_S,
+    STEP_START_TIMEOUT_S,
+    Stack,
+    WorkerProcess,
+    attempts,
+    run,
+    slow_config,
+    wait_until,
+)
+
+HEARTBEAT_S = LEASE_S / 3
+pytestmark = pytest.mark.slow
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def step_pid(worker: WorkerProcess, step_key: str) -> int:
+    """The pid of the step process `worker` started for `step_key` (from its JSON log)."""
+
+    def logged_pid() -> int | None:
+        for line in worker.log().splitlines():
+            if line.startswith('{'):
+                entry = json.loads(line)
+                if entry.get('event') == 'step_started' and entry.get('step_key') == step_key:
+                    return int(entry['pid'])
+        return None
+
+    return int(wait_until(logged_pid, what=f'{worker.worker_id} to start {step_key}'))
+
+
+def step_events(instance: DagsterInstance, run_id: str, event_type: DagsterEventType) -> list[Any]:
+    return instance.get_records_for_run(run_id, of_type=event_type).records
+
+
+def running_row(stack: Stack, step_key: str, attempt: int = 0) -> dict[str, Any] | None:
+    rows = stack.rows(
+        'SELECT * FROM step_executions WHERE step_key = %(step_key)s AND attempt = %(attempt)s'
+        " AND state = 'RUNNING' ORDER BY enqueued_at DESC LIMIT 1",
+        step_key=step_key,
+        attempt=attempt,
+    )
+    return rows[0] if rows else None
+
+
+def sqs(stack: Stack) -> Any:
+    return boto3.client(
+        'sqs', endpoint_url=stack.env['DAGSTER_TASKIQ_AWS_ENDPOINT_URL'], region_name='us-east-1'
+    )
+
+
+def test_sigkilled_worker_attempt_is_abandoned_and_retried_on_another(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    workers = stack.start_workers(2, 1)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'slow_job', slow_config(4))
+        row = wait_until(
+            lambda: running_row(stack, 'sleep_then_return'), what='the slow step running'
+        )
+        [victim] = [w for w in workers if w.worker_id == row['owner']]
+        orphan = step_pid(victim, 'sleep_then_return')
+        victim.process.send_signal(signal.SIGKILL)
+        wait_until(
+            lambda: not pid_alive(orphan), timeout_s=5, what='the orphaned step process to die'
+        )
+        ok, run_id = outcome.result(timeout=120)
+    assert ok
+    steps = [r for r in stack.executions(run_id) if r['step_key'] == 'sleep_then_return']
+    assert [(r['attempt'], r['state']) for r in steps] == [(0, 'ABANDONED'), (1, 'COMPLETED')]
+    assert steps[0]['owner'] == victim.worker_id
+    assert steps[1]['owner'] != victim.worker_id
+    logged = [r for r in stack.log_rows(run_id) if r['step_key'] == 'sleep_then_return']
+    assert [(r['attempt'], r['outcome']) for r in logged] == [(0, 'ABANDONED'), (1, 'COMPLETED')]
+
+
+def test_a_message_delivered_three_times_runs_once(stack: Stack, instance: DagsterInstance) -> None:
+    client = sqs(stack)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'fast_job')
+
+        def first_message() -> Any:
+            response = client.receive_message(
+                QueueUrl=stack.urls.queue_url,
+                VisibilityTimeout=0,
+                MessageAttributeNames=['All'],
+            )
+            return response.get('Messages', [None])[0]
+
+        original = wait_until(first_message, what='the first step message')
+        for _ in range(2):
+            client.send_message(
+                QueueUrl=stack.urls.queue_url,
+                MessageBody=original['Body'],
+                MessageAttributes=original['MessageAttributes'],
+            )
+        stack.start_workers(2, 2)
+        ok, run_id = outcome.result(timeout=120)
+    assert ok
+    key = json.loads(original['Body'])['idempotency_key']
+    [row] = [r for r in stack.executions(run_id) if r['idempotency_key'] == key]
+    assert row['state'] == 'COMPLETED'
+    assert row['delivery_count'] >= 3
+    assert row['refused_count'] == row['delivery_count'] - 1
+    keys = [r['idempotency_key'] for r in stack.log_rows(run_id)]
+    assert len(keys) == len(set(keys)) == 3  # every attempt ran exactly once
+
+
+def test_malformed_and_forged_messages_go_to_the_dlq(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    client = sqs(stack)
+    client.send_message(QueueUrl=stack.urls.queue_url, MessageBody='{"v": 1, "run_id": ')
+    forged = message.OpExecutionTask(
+        v=1,
+        idempotency_key='run-x:step:0',
+        run_id='run-x',
+        job_name='fast_job',
+        step_key='step',
+        attempt=0,
+        enqueued_at=time.time(),
+        execute_step_args='{}',
+    )
+    client.send_message(
+        QueueUrl=stack.urls.queue_url, MessageBody=message.encode(forged, b'not-the-key')
+    )
+    worker = stack.start_worker(concurrency=1)
+
+    def dead_letters() -> list[str]:
+        response = client.receive_message(
+            QueueUrl=stack.urls.dlq_url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=0,
+            MessageAttributeNames=['All'],
+        )
+        found = [
+            m['MessageAttributes']['reason']['StringValue'] for m in response.get('Messages', [])
+        ]
+        return found if len(found) == 2 else []
+
+    reasons = sorted(wait_until(dead_letters, what='two dead letters'))
+    assert reasons[0].startswith('bad JSON')
+    assert reasons[1].startswith('bad signature')
+    assert 'message_rejected' in worker.log()
+    ok, _ = run(instance, 'fast_job')
+    assert ok  # the worker kept serving
+
+
+def test_terminating_a_run_stops_its_running_step(stack: Stack, instance: DagsterInstance) -> None:
+    worker = stack.start_worker(concurrency=1)
+    tag = uuid.uuid4().hex
+    runner = subprocess.Popen(
+        [sys.executable, '-m', 'tests.e2e.run_job', 'slow_job', json.dumps(slow_config(60)), tag],
+        env=os.environ.copy(),
+    )
+    try:
+        dagster_run = wait_until(
+            lambda: instance.get_runs(RunsFilter(tags={'e2e': tag})),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the run',
+        )[0]
+        wait_until(
+            lambda: step_events(instance, dagster_run.run_id, DagsterEventType.STEP_START),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the slow step to start in Dagster',
+        )
+        pid = step_pid(worker, 'sleep_then_return')
+        # What Dagster's run launcher does to terminate a run: mark it, then interrupt its worker.
+        instance.report_run_canceling(dagster_run)
+        runner.send_signal(signal.SIGINT)
+        wait_until(
+            lambda: stack.executions(dagster_run.run_id)[0]['state'] == 'CANCELLED',
+            what='the attempt cancelled',
+        )
+        wait_until(lambda: not pid_alive(pid), timeout_s=2 * HEARTBEAT_S + 1, what='step stopped')
+        assert runner.wait(60) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert instance.get_run_by_id(dagster_run.run_id).status == DagsterRunStatus.CANCELED
+    assert attempts(stack, dagster_run.run_id) == [('sleep_then_return', 0, 'CANCELLED')]
+    assert [r['outcome'] for r in stack.log_rows(dagster_run.run_id)] == ['CANCELLED']
+    assert 'cancelled through Dagster' in worker.log()
+
+
+def test_sigterm_lets_a_running_step_finish(stack: Stack, instance: DagsterInstance) -> None:
+    draining = stack.start_worker(1, '--drain-timeout', '60')
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'slow_job', slow_config(2))
+        wait_until(
+            lambda: running_row(stack, 'sleep_then_return'),
+            what='the slow step',
+            timeout_s=STEP_START_TIMEOUT_S,
+        )
+        draining.process.send_signal(signal.SIGTERM)
+        assert draining.process.wait(60) == 0
+        stack.start_worker(concurrency=1)
+        ok, run_id = outcome.result(timeout=120)
+    assert ok
+    steps = [r for r in stack.executions(run_id) if r['step_key'] == 'sleep_then_return']
+    assert [(r['attempt'], r['state'], r['owner']) for r in steps] == [
+        (0, 'COMPLETED', draining.worker_id)
+    ]
+
+
+def test_sigterm_past_the_drain_timeout_releases_the_step(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    released = stack.start_worker(1, '--drain-timeout', '0.2')
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'slow_job', slow_config(3))
+        wait_until(
+            lambda: running_row(stack, 'sleep_then_return'),
+            what='the slow step',
+            timeout_s=STEP_START_TIMEOUT_S,
+        )
+        released.process.send_signal(signal.SIGTERM)
+        assert released.process.wait(30) == 0
+        assert 'step_released' in released.log()
+        stack.start_worker(concurrency=1)
+        ok, run_id = outcome.result(timeout=120)
+    assert ok
+    steps = [r for r in stack.executions(run_id) if r['step_key'] == 'sleep_then_return']
+    assert [(r['attempt'], r['state']) for r in steps] == [(0, 'ABANDONED'), (1, 'COMPLETED')]
