@@ -1,11 +1,14 @@
 """Real Dagster runs through real worker subprocesses: every demo job ends as it should."""
 
+import json
+import urllib.request
 from collections import Counter
 
 import boto3
 import pytest
 from dagster import DagsterEventType, DagsterInstance
 
+from dagster_taskiq_demo.emulator import free_port
 from tests.e2e.conftest import Stack, attempts, run
 
 
@@ -18,7 +21,9 @@ def step_starts(instance: DagsterInstance, run_id: str) -> Counter[str]:
 
 @pytest.mark.slow
 def test_demo_jobs_end_as_expected(stack: Stack, instance: DagsterInstance) -> None:
-    stack.start_workers(2, 4)
+    port = free_port()
+    stack.start_workers(1, 4, '--metrics-port', str(port))
+    stack.start_workers(1, 4)
 
     ok, run_id = run(instance, 'fast_job')
     assert ok
@@ -74,6 +79,7 @@ def test_demo_jobs_end_as_expected(stack: Stack, instance: DagsterInstance) -> N
         ('effect_b', 'effect_b'),
         ('effect_c', 'effect_c'),
     ]
+    assert_health_and_metrics(port)
 
 
 @pytest.mark.slow
@@ -100,3 +106,42 @@ def test_outputs_travel_between_workers_through_s3(
     assert {
         f'demo/storage/{run_id}/{step}/result' for step in ('ping', 'add_one', 'add_one_2')
     } <= keys
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + ' '))
+
+
+def assert_health_and_metrics(port: int) -> None:
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=5) as response:
+        health = json.load(response)
+    assert health['status'] == 'ok'
+    assert (health['sqs_breaker'], health['db_breaker']) == ('closed', 'closed')
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as response:
+        text = response.read().decode()
+    assert metric(text, 'taskiq_steps_completed_total') >= 1
+    assert metric(text, 'taskiq_steps_claimed_total') >= metric(
+        text, 'taskiq_steps_completed_total'
+    )
+    assert 'taskiq_step_duration_seconds_bucket' in text
+
+
+@pytest.mark.slow
+def test_a_step_queued_too_long_fails_with_the_queue_and_worker_counts(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    config = {
+        'execution': {
+            'config': {'check_step_health_interval_seconds': 1, 'step_queued_timeout_seconds': 1.0}
+        }
+    }
+    ok, run_id = run(instance, 'fast_job', config)  # no worker is running
+    assert not ok
+    # the demo's RetryPolicy (2 retries) tries twice more before the step fails
+    assert attempts(stack, run_id) == [('ping', n, 'CANCELLED') for n in range(3)]
+    failures = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records
+    [failure] = [record.event_log_entry.dagster_event for record in failures]
+    message = failure.step_failure_data.error.message
+    assert f'{run_id}:ping:2 waited' in message
+    assert 'queue depth: 3 visible' in message
+    assert 'live workers: 0' in message
