@@ -76,7 +76,13 @@ def step_context(preload: Sequence[str]) -> ForkServerContext:
     """
     context = multiprocessing.get_context('forkserver')
     context.set_forkserver_preload(
-        ['dagster', 'dagster_postgres', 'dagster_taskiq.cli', 'dagster_taskiq.step_process', *preload]
+        [
+            'dagster',
+            'dagster_postgres',
+            'dagster_taskiq.cli',
+            'dagster_taskiq.step_process',
+            *preload,
+        ]
     )
     return context
 

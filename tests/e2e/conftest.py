@@ -1,10 +1,6 @@
 """End-to-end fixtures: a Dagster instance on PostgreSQL, a queue, and real worker subprocesses."""
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,21 +11,25 @@ from typing import Any
 import psycopg
 import pytest
 from dagster import DagsterInstance, execute_job
-from psycopg import sql
 from psycopg.rows import dict_row
-from sqlalchemy.engine import make_url
 
 from dagster_taskiq import store
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import QueueUrls
 from dagster_taskiq_demo.emulator import MotoServer
+from dagster_taskiq_demo.stack import (
+    WorkerProcess,
+    create_database,
+    drop_database,
+    spawn_worker,
+    wait_started,
+    write_dagster_home,
+)
 from tests.conftest import BASE_DATABASE_URL
-from tests.e2e.jobs import DEFINITIONS_MODULE, FAST_RUN_CONFIG, demo_job
+from tests.e2e.jobs import FAST_RUN_CONFIG, demo_job
 
 LEASE_S = 3.0  # heartbeats every second; a lost worker's lease expires within 3 s
 SIGNING_KEY = 'e2e-signing-key'
-WORKER_STOP_TIMEOUT_S = 60.0
-WORKER_START_TIMEOUT_S = 90.0  # a cold start imports dagster twice; slow on a loaded 2-core box
 STEP_START_TIMEOUT_S = 120.0
 
 
@@ -51,54 +51,20 @@ def wait_until(
 def e2e_database_url() -> Iterator[str]:
     """A database of its own for Dagster's storage and the idempotency store."""
     name = f'e2e_{uuid.uuid4().hex[:10]}'
-    admin = make_url(BASE_DATABASE_URL).set(drivername='postgresql', query={})
-    dsn = admin.render_as_string(hide_password=False)
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
-    url = admin.set(database=name).render_as_string(hide_password=False)
+    url = create_database(BASE_DATABASE_URL, name)
     store.upgrade(url)
     yield url
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute(sql.SQL('DROP DATABASE {} WITH (FORCE)').format(sql.Identifier(name)))
+    drop_database(BASE_DATABASE_URL, name)
 
 
 @pytest.fixture(scope='session')
 def dagster_home(e2e_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp('dagster_home')
-    dagster_url = make_url(e2e_database_url).set(drivername='postgresql+psycopg2')
-    (home / 'dagster.yaml').write_text(
-        'storage:\n'
-        '  postgres:\n'
-        f'    postgres_url: "{dagster_url.render_as_string(hide_password=False)}"\n'
-        'telemetry:\n'
-        '  enabled: false\n'
-    )
-    return home
+    return write_dagster_home(tmp_path_factory.mktemp('dagster_home'), e2e_database_url)
 
 
 def query(database_url: str, statement: str, **params: Any) -> list[dict[str, Any]]:
     with psycopg.connect(database_url, row_factory=dict_row) as connection:
         return connection.execute(statement, params).fetchall()
-
-
-@dataclass
-class WorkerProcess:
-    worker_id: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 @dataclass
@@ -116,43 +82,21 @@ class Stack:
         self, count: int, concurrency: int = 2, *extra: str, env: dict[str, str] | None = None
     ) -> list[WorkerProcess]:
         """Start `count` workers at once and wait until each has warmed its step processes."""
-        started = [self._spawn_worker(concurrency, extra, env) for _ in range(count)]
-        for worker in started:
-            wait_until(
-                lambda w=worker: w.process.poll() is not None or 'worker_started' in w.log(),
-                timeout_s=WORKER_START_TIMEOUT_S,
-                what=f'{worker.worker_id} to start',
+        started = [
+            spawn_worker(
+                f'worker-{len(self.workers) + index}-{uuid.uuid4().hex[:6]}',
+                self.tmp_path,
+                *('--concurrency', str(concurrency), '--poll-wait', '1', *extra),
+                env=env,
             )
-            assert worker.process.poll() is None, worker.log()
+            for index in range(count)
+        ]
+        self.workers.extend(started)
+        wait_started(started)
         return started
 
     def start_worker(self, concurrency: int = 2, *extra: str) -> WorkerProcess:
         return self.start_workers(1, concurrency, *extra)[0]
-
-    def _spawn_worker(
-        self, concurrency: int, extra: tuple[str, ...], env: dict[str, str] | None
-    ) -> WorkerProcess:
-        worker_id = f'worker-{len(self.workers)}-{uuid.uuid4().hex[:6]}'
-        log_path = self.tmp_path / f'{worker_id}.log'
-        command = [
-            str(Path(sys.executable).with_name('dagster-taskiq')), 'worker',
-            '--concurrency', str(concurrency),
-            '--poll-wait', '1',
-            '--preload', DEFINITIONS_MODULE,
-            '--worker-id', worker_id,
-            '--journal-dir', str(self.tmp_path / 'journal'),
-            *extra,
-        ]  # fmt: skip
-        with log_path.open('wb') as log_file:
-            process = subprocess.Popen(
-                command,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-        worker = WorkerProcess(worker_id, process, log_path)
-        self.workers.append(worker)
-        return worker
 
     def rows(self, statement: str, **params: Any) -> list[dict[str, Any]]:
         return query(self.database_url, statement, **params)

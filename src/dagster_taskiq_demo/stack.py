@@ -1,0 +1,120 @@
+"""Pieces of a local stack on one machine: databases, a Dagster home, worker processes.
+
+Used by `dagster-taskiq-demo up`, the benchmarks and the end-to-end tests, so all three run the
+same thing: real `dagster-taskiq worker` processes against PostgreSQL and the moto server.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+WORKER_START_TIMEOUT_S = 90.0  # a cold start imports dagster twice: slow on a loaded 2-core box
+WORKER_STOP_TIMEOUT_S = 60.0
+DEFINITIONS_MODULE = 'dagster_taskiq_demo.definitions'
+
+
+def _admin_dsn(database_url: str) -> str:
+    return make_url(database_url).set(drivername='postgresql', query={}).render_as_string(False)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database `name` on the server of `server_url`; returns its URL."""
+    with psycopg.connect(_admin_dsn(server_url), autocommit=True) as connection:
+        connection.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
+    return make_url(_admin_dsn(server_url)).set(database=name).render_as_string(False)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(_admin_dsn(server_url), autocommit=True) as connection:
+        connection.execute(
+            sql.SQL('DROP DATABASE IF EXISTS {} WITH (FORCE)').format(sql.Identifier(name))
+        )
+
+
+def write_dagster_home(home: Path, database_url: str) -> Path:
+    """A DAGSTER_HOME whose run, event and schedule storage is PostgreSQL at `database_url`.
+
+    The scheme is pinned to psycopg2: SQLAlchemy 2.1 maps `postgresql://` to psycopg 3, which
+    dagster-postgres does not support.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    dagster_url = make_url(database_url).set(drivername='postgresql+psycopg2')
+    (home / 'dagster.yaml').write_text(
+        'storage:\n'
+        '  postgres:\n'
+        f'    postgres_url: "{dagster_url.render_as_string(hide_password=False)}"\n'
+        'telemetry:\n'
+        '  enabled: false\n'
+    )
+    return home
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def started(self) -> bool:
+        """Whether the worker is serving; raises if it exited while starting."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f'worker {self.worker_id} exited while starting:\n{self.log()}')
+        return 'worker_started' in self.log()
+
+    def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
+        """SIGTERM (the worker drains), then SIGKILL after `timeout_s`; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def spawn_worker(
+    worker_id: str,
+    log_dir: Path,
+    *args: str,
+    preload: tuple[str, ...] = (DEFINITIONS_MODULE,),
+    env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    """Start `dagster-taskiq worker` (with `args`), logging to `<log_dir>/<worker_id>.log`."""
+    log_path = log_dir / f'{worker_id}.log'
+    command = [
+        str(Path(sys.executable).with_name('dagster-taskiq')),
+        'worker',
+        '--worker-id',
+        worker_id,
+        '--journal-dir',
+        str(log_dir / 'journal'),
+        *(option for module in preload for option in ('--preload', module)),
+        *args,
+    ]
+    with log_path.open('wb') as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    return WorkerProcess(worker_id, process, log_path)
+
+
+def wait_started(workers: list[WorkerProcess], timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
+    """Wait until every worker has warmed its step processes and is receiving."""
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        while not worker.started():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'worker {worker.worker_id} did not start in {timeout_s} s')
+            time.sleep(0.05)
