@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -103,6 +104,14 @@ async def _exited(process: BaseProcess) -> None:
     finally:
         loop.remove_reader(process.sentinel)
     process.join()
+
+
+def _sent_outcome(reader: Connection) -> StepOutcome | None:
+    """The outcome the step process sent, or None if it died first (EOF on the pipe)."""
+    try:
+        return reader.recv() if reader.poll() else None
+    except EOFError:
+        return None
 
 
 class Worker:
@@ -298,7 +307,7 @@ class Worker:
         self._log_step(task, 'step_started', pid=process.pid)
         try:
             stop_reason = await self._supervise(step)
-            outcome = reader.recv() if reader.poll() else None
+            outcome = _sent_outcome(reader)
         finally:
             reader.close()
             keep_alive.close()

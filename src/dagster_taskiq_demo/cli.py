@@ -1,32 +1,41 @@
 """`dagster-taskiq-demo`: the demo's local stack.
 
-For now `up` starts the emulator, creates the queues, migrates the store and carries one signed step
-message (and one malformed one) through the exactly-once path; the executor and auto-scaler issues
-make it the full stack of DESIGN.md.
+For now `up` starts the emulator, prepares PostgreSQL, the queues and a Dagster home, starts two
+workers, runs every demo job through them and prints what the store saw; the auto-scaler and
+local-stack issues make it the long-running stack of DESIGN.md (webserver, daemon, ECS agent).
 """
 
 import asyncio
 import os
-import socket
-import time
-import uuid
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
-from dagster import reconstructable
-from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.execution.retries import RetryMode
-from dagster._grpc.types import ExecuteStepArgs
+import psycopg
+from dagster import DagsterInstance, execute_job
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
-from dagster_taskiq import message, store
-from dagster_taskiq.errors import InvalidMessage
-from dagster_taskiq.logs import configure_logging, get_logger
+from dagster_taskiq import store
+from dagster_taskiq.cli import bootstrap_queues
+from dagster_taskiq.logs import configure_logging
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import CircuitBreaker, SqsQueue, bootstrap, sqs_client
-from dagster_taskiq.store import Claimed, StepState
-from dagster_taskiq_demo.definitions import fast_job
+from dagster_taskiq_demo import definitions
 from dagster_taskiq_demo.emulator import DEFAULT_MOTO_PORT, EMULATOR_CREDENTIALS, start_moto
+from dagster_taskiq_demo.stack import spawn_worker, wait_started, write_dagster_home
 
-log = get_logger(__name__)
+DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/dagster_taskiq_demo'
+DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
+    ('fast_job', {}),
+    ('fan_out_job', {}),
+    ('flaky_job', {}),
+    ('crashing_job', {}),
+    ('side_effect_job', {}),
+    ('slow_job', {'ops': {'sleep_then_return': {'config': {'seconds': 1.0}}}}),
+    ('failing_job', {}),
+]
 
 
 @click.group()
@@ -35,81 +44,74 @@ def main() -> None:
     configure_logging()
 
 
-def demo_task(run_id: str) -> message.OpExecutionTask:
-    args = ExecuteStepArgs(
-        job_origin=reconstructable(fast_job).get_python_origin(),
-        run_id=run_id,
-        step_keys_to_execute=['ping'],
-        retry_mode=RetryMode.ENABLED,
-        known_state=KnownExecutionState(),
-        should_verify_step=True,
-    )
-    return message.build_task(args, job_name=fast_job.name, enqueued_at=time.time())
+def ensure_database(database_url: str) -> None:
+    """Create the database of `database_url` unless it exists."""
+    url = make_url(database_url)
+    if not url.database:
+        raise click.UsageError(f'DATABASE_URL names no database: {database_url}')
+    admin = url.set(drivername='postgresql', database='postgres', query={})
+    with psycopg.connect(admin.render_as_string(False), autocommit=True) as connection:
+        exists = connection.execute(
+            'SELECT 1 FROM pg_database WHERE datname = %s', (url.database,)
+        ).fetchone()
+        if not exists:
+            connection.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(url.database)))
 
 
-async def process_one(queue: SqsQueue, settings: Settings, worker_id: str) -> None:
-    """Receive one message and carry it through parse, claim, finish and delete."""
-    engine = store.async_engine(settings.database_url)
+def run_demo_jobs(database_url: str) -> bool:
+    repository = ReconstructableRepository.for_module(definitions.__name__, 'defs', os.getcwd())
+    engine = store.sync_engine(database_url)
+    all_as_expected = True
     try:
-        [received] = await queue.receive(1, wait_s=5)
-        try:
-            task = message.parse(received.body, settings.signing_key_bytes)
-        except InvalidMessage as error:
-            await queue.send_to_dlq(received.body, str(error), {'message_id': received.message_id})
-            await queue.delete(received.receipt_handle)
-            return
-        outcome = await store.claim(
-            engine, task.idempotency_key, worker_id=worker_id, lease_s=settings.lease_s
-        )
-        if isinstance(outcome, Claimed):
-            await store.finish(
-                engine, task.idempotency_key, token=outcome.token, outcome=StepState.COMPLETED
-            )
-        await queue.delete(received.receipt_handle)
-        row = await store.get_execution(engine, task.idempotency_key)
-        log.info('demo_step_processed', key=task.idempotency_key, state=row and row['state'])
+        with DagsterInstance.get() as instance:
+            for job_name, run_config in DEMO_RUNS:
+                job = repository.get_reconstructable_job(job_name)
+                with execute_job(job, instance, run_config=run_config) as result:
+                    success, run_id = result.success, result.run_id
+                with engine.connect() as connection:
+                    rows = connection.execute(store.QUERIES['list_executions'], {'run_id': run_id})
+                    states = [f'{r.step_key}#{r.attempt}={r.state}' for r in rows]
+                expected = job_name != 'failing_job'
+                all_as_expected &= success == expected
+                status = 'SUCCESS' if success else 'FAILURE'
+                click.echo(f'{job_name:16} {status:8} {run_id}  {", ".join(states)}')
     finally:
-        await engine.dispose()
-
-
-async def smoke(settings: Settings) -> None:
-    breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
-    async with sqs_client(settings) as client:
-        urls = await bootstrap(client, settings, breaker)
-        queue = SqsQueue(client, urls, settings, breaker)
-        task = demo_task(run_id=str(uuid.uuid4()))
-        engine = store.async_engine(settings.database_url)
-        try:
-            await store.record_enqueued(
-                engine,
-                task.idempotency_key,
-                run_id=task.run_id,
-                job_name=task.job_name,
-                step_key=task.step_key,
-                attempt=task.attempt,
-            )
-        finally:
-            await engine.dispose()
-        body = message.encode(task, settings.signing_key_bytes)
-        await queue.send(body, {'run_id': task.run_id, 'step_key': task.step_key, 'attempt': 0})
-        worker_id = f'{socket.gethostname()}-{os.getpid()}'
-        await process_one(queue, settings, worker_id)
-        await queue.send('{"v": 1, "broken": ', {})
-        await process_one(queue, settings, worker_id)
-        dead = await queue.peek_dlq(wait_s=1)
-        click.echo(f'dead-lettered: {[m.attributes.get("reason") for m in dead]}')
+        engine.dispose()
+    return all_as_expected
 
 
 @main.command()
 @click.option('--moto-port', default=DEFAULT_MOTO_PORT, show_default=True)
-def up(moto_port: int) -> None:
-    """Start moto, create the queues, migrate the store and process a demo message."""
+@click.option('--workers', default=2, show_default=True)
+@click.option(
+    '--data-dir', default=Path('.demo'), type=click.Path(path_type=Path), show_default=True
+)
+def up(moto_port: int, workers: int, data_dir: Path) -> None:
+    """Start the emulator, the store, the queues and workers; run every demo job through them."""
     os.environ.update({k: os.environ.get(k, v) for k, v in EMULATOR_CREDENTIALS.items()})
+    database_url = os.environ.get('DATABASE_URL', DEFAULT_DATABASE_URL)
+    ensure_database(database_url)
+    store.upgrade(database_url)
     server = start_moto(moto_port)
+    data_dir = data_dir.resolve()
+    os.environ.update(
+        {
+            'DATABASE_URL': database_url,
+            'DAGSTER_HOME': str(write_dagster_home(data_dir / 'dagster_home', database_url)),
+            'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': server.url,
+        }
+    )
+    started = []
     try:
-        settings = Settings(aws_endpoint_url=server.url)
-        click.echo(f'emulator on {server.url}; database {settings.database_url}')
-        store.upgrade(settings.database_url)
-        asyncio.run(smoke(settings))
+        urls = asyncio.run(bootstrap_queues(Settings()))
+        click.echo(f'emulator {server.url}, queue {urls.queue_url}, database {database_url}')
+        started = [spawn_worker(f'demo-worker-{n}', data_dir) for n in range(workers)]
+        wait_started(started)
+        click.echo(f'{workers} workers up (logs in {data_dir}); running the demo jobs:')
+        as_expected = run_demo_jobs(database_url)
     finally:
+        for worker in started:
+            worker.stop()
         server.stop()
+    click.echo('every job ended as expected' if as_expected else 'a job did NOT end as expected')
+    sys.exit(0 if as_expected else 1)

@@ -124,6 +124,19 @@ def flaky_job() -> None:
 
 
 @op
+def crashes_first_time(context: OpExecutionContext) -> int:
+    if context.retry_number == 0:
+        os._exit(3)  # the step process dies without a word to Dagster; only it, not the worker
+    return context.retry_number
+
+
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def crashing_job() -> None:
+    """Its op's first attempt kills its own process; the health check sees it, Dagster retries."""
+    add_one(crashes_first_time())
+
+
+@op
 def write_effect(context: OpExecutionContext) -> None:
     record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
 
@@ -142,6 +155,14 @@ def side_effect_job() -> None:
 
 
 defs = Definitions(
-    jobs=[fast_job, slow_job, fan_out_job, failing_job, flaky_job, side_effect_job],
+    jobs=[
+        fast_job,
+        slow_job,
+        fan_out_job,
+        failing_job,
+        flaky_job,
+        crashing_job,
+        side_effect_job,
+    ],
     resources={'io_manager': demo_io_manager()},
 )

@@ -59,6 +59,16 @@ def test_demo_jobs_end_as_expected(stack: Stack, instance: DagsterInstance) -> N
         ('fails_first_time', 1, 'COMPLETED'),
     ]
 
+    ok, run_id = run(instance, 'crashing_job')
+    assert ok
+    assert attempts(stack, run_id) == [
+        ('add_one', 0, 'COMPLETED'),
+        ('crashes_first_time', 0, 'FAILED'),
+        ('crashes_first_time', 1, 'COMPLETED'),
+    ]
+    crashed = stack.executions(run_id)[1]
+    assert 'step process exited with code 3' in crashed['error']
+
     ok, run_id = run(
         instance, 'slow_job', {'ops': {'sleep_then_return': {'config': {'seconds': 0.5}}}}
     )
