@@ -5,9 +5,31 @@ counts each poll, asks `decide`, writes `UpdateService(desiredCount)` when the c
 records every decision in `scaling_events`. The same code runs against AWS and the emulator.
 """
 
+import asyncio
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import aioboto3
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dagster_taskiq import store
+from dagster_taskiq.errors import StoreUnavailable, TransportError
+from dagster_taskiq.logs import get_logger
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import CircuitBreaker, SqsQueue, client_config, guarded_call, open_queue
+
+if TYPE_CHECKING:
+    from types_aiobotocore_ecs.client import ECSClient
+else:
+    ECSClient = object
+
+log = get_logger(__name__)
 
 DEFAULT_MIN_WORKERS = 0
 DEFAULT_MAX_WORKERS = 10
@@ -106,3 +128,124 @@ def decide(
     else:
         reason = f'scale down: highest recommendation in the window is {highest}'
     return Decision(desired, recommendation, reason)
+
+
+@asynccontextmanager
+async def ecs_client(settings: Settings) -> AsyncIterator[ECSClient]:
+    session = aioboto3.Session(region_name=settings.aws_region)
+    async with session.client(
+        'ecs', endpoint_url=settings.aws_endpoint_url, config=client_config()
+    ) as client:
+        yield client
+
+
+class EcsService:
+    """The worker service on ECS (AWS, or the emulator with the local ECS agent)."""
+
+    def __init__(self, client: ECSClient, cluster: str, service: str, settings: Settings) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.service = service
+        self.settings = settings
+        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
+
+    async def counts(self) -> tuple[int, int]:
+        """(desired, running): running counts the service's RUNNING tasks."""
+
+        async def read() -> tuple[int, int]:
+            described = await self.client.describe_services(
+                cluster=self.cluster, services=[self.service]
+            )
+            if not described['services']:
+                raise TransportError(f'no ECS service {self.service} in cluster {self.cluster}')
+            tasks = await self.client.list_tasks(
+                cluster=self.cluster, serviceName=self.service, desiredStatus='RUNNING'
+            )
+            return described['services'][0]['desiredCount'], len(tasks['taskArns'])
+
+        return await guarded_call(self.breaker, self.settings, 'ecs_counts', read)
+
+    async def set_desired(self, desired: int) -> None:
+        await guarded_call(
+            self.breaker,
+            self.settings,
+            'ecs_update_service',
+            lambda: self.client.update_service(
+                cluster=self.cluster, service=self.service, desiredCount=desired
+            ),
+        )
+
+
+async def observe(queue: SqsQueue, service: EcsService) -> Observation:
+    depth = await queue.depth()
+    desired, running = await service.counts()
+    return Observation(
+        at=time.time(),
+        visible=depth.visible,
+        in_flight=depth.in_flight,
+        delayed=depth.delayed,
+        desired=desired,
+        running=running,
+    )
+
+
+async def scale_once(
+    queue: SqsQueue,
+    service: EcsService,
+    engine: AsyncEngine,
+    policy: ScalingPolicy,
+    history: deque[Recommendation],
+) -> Decision:
+    """One poll: observe, decide, write the desired count if it changed, record the decision."""
+    observation = await observe(queue, service)
+    decision = decide(observation, list(history), policy)
+    history.append(Recommendation(observation.at, decision.recommendation))
+    while history and history[0].at <= observation.at - policy.scale_down_stabilisation_s:
+        history.popleft()
+    if decision.desired != observation.desired:
+        await service.set_desired(decision.desired)
+    event = {
+        'cluster': service.cluster,
+        'service': service.service,
+        'visible': observation.visible,
+        'in_flight': observation.in_flight,
+        'delayed': observation.delayed,
+        'running': observation.running,
+        'desired_before': observation.desired,
+        'recommendation': decision.recommendation,
+        'desired': decision.desired,
+        'reason': decision.reason,
+    }
+    await store.record_scaling_event(engine, **event)
+    log.info('scaled' if decision.desired != observation.desired else 'scaling_checked', **event)
+    return decision
+
+
+async def run_autoscaler(
+    settings: Settings,
+    policy: ScalingPolicy,
+    cluster: str,
+    service_name: str,
+    poll_interval_s: float,
+) -> None:
+    """Poll until SIGTERM/SIGINT; a transient AWS or database error costs a poll, not the loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    engine = store.async_engine(settings.database_url)
+    history: deque[Recommendation] = deque()
+    try:
+        async with open_queue(settings) as queue, ecs_client(settings) as client:
+            service = EcsService(client, cluster, service_name, settings)
+            log.info('autoscaler_started', service=service_name, **asdict(policy))
+            while not stop.is_set():
+                try:
+                    await scale_once(queue, service, engine, policy, history)
+                except (TransportError, StoreUnavailable) as error:
+                    log.warning('scaling_poll_failed', error=str(error))
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=poll_interval_s)
+    finally:
+        await engine.dispose()
+    log.info('autoscaler_stopped')

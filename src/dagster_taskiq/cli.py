@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from dagster_taskiq import store
+from dagster_taskiq import autoscaler, store
 from dagster_taskiq.logs import configure_logging
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import CircuitBreaker, QueueUrls, bootstrap, sqs_client
@@ -93,3 +93,52 @@ def worker(
         journal_dir=journal_dir,
     )
     asyncio.run(serve(Settings(), options))
+
+
+@main.command('autoscaler')
+@click.option('--min-workers', default=autoscaler.DEFAULT_MIN_WORKERS, show_default=True)
+@click.option('--max-workers', default=autoscaler.DEFAULT_MAX_WORKERS, show_default=True)
+@click.option(
+    '--target-backlog-per-worker',
+    default=autoscaler.DEFAULT_TARGET_BACKLOG_PER_WORKER,
+    show_default=True,
+    help='Messages (visible + in flight) one worker is expected to carry.',
+)
+@click.option('--poll-interval', default=autoscaler.DEFAULT_POLL_INTERVAL_S, show_default=True)
+@click.option(
+    '--scale-down-stabilisation',
+    default=autoscaler.DEFAULT_SCALE_DOWN_STABILISATION_S,
+    show_default=True,
+    help='Seconds without a higher recommendation before scaling down.',
+)
+@click.option(
+    '--activation-threshold',
+    default=autoscaler.DEFAULT_ACTIVATION_THRESHOLD,
+    show_default=True,
+    help='Visible messages needed to leave zero workers.',
+)
+@click.option('--max-step-up', type=int, help='Most workers added by one decision.')
+def autoscaler_command(
+    min_workers: int,
+    max_workers: int,
+    target_backlog_per_worker: int,
+    poll_interval: float,
+    scale_down_stabilisation: float,
+    activation_threshold: int,
+    max_step_up: int | None,
+) -> None:
+    """Size the worker ECS service (DAGSTER_TASKIQ_ECS_CLUSTER, _WORKER_SERVICE) by queue depth."""
+    settings = Settings()
+    policy = autoscaler.ScalingPolicy(
+        min_workers=min_workers,
+        max_workers=max_workers,
+        target_backlog_per_worker=target_backlog_per_worker,
+        scale_down_stabilisation_s=scale_down_stabilisation,
+        activation_threshold=activation_threshold,
+        max_step_up=max_step_up,
+    )
+    asyncio.run(
+        autoscaler.run_autoscaler(
+            settings, policy, settings.ecs_cluster, settings.worker_service, poll_interval
+        )
+    )

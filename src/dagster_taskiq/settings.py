@@ -4,6 +4,8 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_QUEUE_NAME = 'dagster-taskiq-steps'
+DEFAULT_ECS_CLUSTER = 'dagster-taskiq-local'
+DEFAULT_WORKER_SERVICE = 'taskiq-worker'
 DEFAULT_REGION = 'us-east-1'
 DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/postgres'
 DEFAULT_VISIBILITY_TIMEOUT_S = 60
@@ -39,6 +41,8 @@ class Settings(BaseSettings):
     )
     queue_name: str = DEFAULT_QUEUE_NAME
     queue_url: str | None = None
+    ecs_cluster: str = DEFAULT_ECS_CLUSTER
+    worker_service: str = DEFAULT_WORKER_SERVICE
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
     max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT
     lease_s: float = DEFAULT_LEASE_S

@@ -145,17 +145,21 @@ async def guarded_call(
         raise TransportError(f'{what} failed: {error}') from error
 
 
-@asynccontextmanager
-async def sqs_client(settings: Settings) -> AsyncIterator[SQSClient]:
-    """An SQS client for the configured endpoint and region; botocore's own retries are off."""
-    session = aioboto3.Session(region_name=settings.aws_region)
-    config = AioConfig(
+def client_config() -> AioConfig:
+    """botocore's own retries off (guarded_call retries), reads long enough for a long poll."""
+    return AioConfig(
         retries={'max_attempts': 1, 'mode': 'standard'},
         connect_timeout=5,
         read_timeout=MAX_WAIT_S + 10,
     )
+
+
+@asynccontextmanager
+async def sqs_client(settings: Settings) -> AsyncIterator[SQSClient]:
+    """An SQS client for the configured endpoint and region."""
+    session = aioboto3.Session(region_name=settings.aws_region)
     async with session.client(
-        'sqs', endpoint_url=settings.aws_endpoint_url, config=config
+        'sqs', endpoint_url=settings.aws_endpoint_url, config=client_config()
     ) as client:
         yield client
 

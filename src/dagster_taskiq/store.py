@@ -244,6 +244,16 @@ async def live_workers(engine: AsyncEngine, within_s: float) -> RowMapping:
     return row
 
 
+async def record_scaling_event(engine: AsyncEngine, **event: object) -> None:
+    """One auto-scaler decision: cluster, service, the inputs, the desired count and why."""
+    async with _transaction(engine) as connection:
+        await connection.execute(QUERIES['record_scaling_event'], event)
+
+
+async def list_scaling_events(engine: AsyncEngine, service: str) -> Sequence[RowMapping]:
+    return await _all(engine, 'list_scaling_events', service=service)
+
+
 async def list_log(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:
     """`execution_log` rows of a run: one per start of an attempt, duplicates included."""
     return await _all(engine, 'list_log', run_id=run_id)

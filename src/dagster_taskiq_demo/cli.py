@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import boto3  # type: ignore[import-untyped]
 import click
 import psycopg
 from dagster import DagsterInstance, execute_job
@@ -23,6 +24,7 @@ from dagster_taskiq.cli import bootstrap_queues
 from dagster_taskiq.logs import configure_logging
 from dagster_taskiq.settings import Settings
 from dagster_taskiq_demo import definitions
+from dagster_taskiq_demo.ecs_agent import DEFAULT_POLL_INTERVAL_S, LocalEcsAgent
 from dagster_taskiq_demo.emulator import DEFAULT_MOTO_PORT, EMULATOR_CREDENTIALS, start_moto
 from dagster_taskiq_demo.stack import spawn_worker, wait_started, write_dagster_home
 
@@ -115,3 +117,30 @@ def up(moto_port: int, workers: int, data_dir: Path) -> None:
         server.stop()
     click.echo('every job ended as expected' if as_expected else 'a job did NOT end as expected')
     sys.exit(0 if as_expected else 1)
+
+
+@main.command('ecs-agent')
+@click.option('--poll-interval', default=DEFAULT_POLL_INTERVAL_S, show_default=True)
+@click.option('--worker-concurrency', default=2, show_default=True, help='Slots per worker.')
+@click.option(
+    '--data-dir', default=Path('.demo'), type=click.Path(path_type=Path), show_default=True
+)
+@click.option('--preload', multiple=True, help='Module each worker preloads (repeatable).')
+def ecs_agent(
+    poll_interval: float, worker_concurrency: int, data_dir: Path, preload: tuple[str, ...]
+) -> None:
+    """Reconcile the worker service's desiredCount into local worker processes (until SIGTERM)."""
+    settings = Settings()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ecs = boto3.client(
+        'ecs', endpoint_url=settings.aws_endpoint_url, region_name=settings.aws_region
+    )
+    agent = LocalEcsAgent(
+        ecs,
+        settings.ecs_cluster,
+        settings.worker_service,
+        data_dir.resolve(),
+        worker_args=('--concurrency', str(worker_concurrency)),
+        preload=preload,
+    )
+    agent.run(poll_interval)

@@ -228,7 +228,14 @@ def test_upgrade_is_repeatable_and_keeps_its_own_version_table(database_url: str
                 (schema,),
             )
         }
-    assert tables == {'step_executions', 'execution_log', 'dagster_taskiq_alembic_version'}
+    assert tables == {
+        'step_executions',
+        'execution_log',
+        'step_effects',
+        'workers',
+        'scaling_events',
+        'dagster_taskiq_alembic_version',
+    }
 
 
 def test_database_url_must_be_postgresql() -> None:

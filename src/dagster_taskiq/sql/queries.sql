@@ -129,3 +129,12 @@ UPDATE step_executions
 SET lease_expires_at = now()
 WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
 RETURNING idempotency_key
+
+-- name: record_scaling_event
+INSERT INTO scaling_events
+  (cluster, service, visible, in_flight, delayed, running, desired_before, recommendation, desired, reason)
+VALUES
+  (:cluster, :service, :visible, :in_flight, :delayed, :running, :desired_before, :recommendation, :desired, :reason)
+
+-- name: list_scaling_events
+SELECT * FROM scaling_events WHERE service = :service ORDER BY at, id

@@ -1,0 +1,197 @@
+"""The auto-scaler against the moto server: queue depth in, ECS desiredCount out, local workers."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from dagster_taskiq import store
+from dagster_taskiq.autoscaler import (
+    EcsService,
+    Recommendation,
+    ScalingPolicy,
+    ecs_client,
+    scale_once,
+)
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import open_queue
+from dagster_taskiq_demo.ecs_agent import bootstrap_ecs
+from tests.cli import bootstrapped
+from tests.waiting import eventually
+
+BURST = 12
+TARGET = 4
+
+
+@pytest.fixture
+def scaling_settings(settings: Settings) -> Settings:
+    suffix = uuid.uuid4().hex[:8]
+    return settings.model_copy(
+        update={'ecs_cluster': f'cluster-{suffix}', 'worker_service': f'workers-{suffix}'}
+    )
+
+
+def ecs(settings: Settings) -> Any:
+    return boto3.client('ecs', endpoint_url=settings.aws_endpoint_url, region_name='us-east-1')
+
+
+async def test_one_poll_scales_a_burst_and_records_the_decision(
+    scaling_settings: Settings, engine: AsyncEngine
+) -> None:
+    settings = scaling_settings
+    await bootstrapped(settings)
+    bootstrap_ecs(ecs(settings), settings.ecs_cluster, settings.worker_service)
+    policy = ScalingPolicy(max_workers=2, target_backlog_per_worker=TARGET)
+    async with open_queue(settings) as queue, ecs_client(settings) as client:
+        for index in range(BURST):
+            await queue.send(f'burst {index}', {})
+        service = EcsService(client, settings.ecs_cluster, settings.worker_service, settings)
+        history: deque[Recommendation] = deque()
+        decision = await scale_once(queue, service, engine, policy, history)
+        assert (decision.desired, decision.recommendation) == (2, 2)  # ceil(12 / 4) = 3, capped
+        assert (await service.counts())[0] == 2
+        again = await scale_once(queue, service, engine, policy, history)
+        assert again.desired == 2
+    events = await store.list_scaling_events(engine, settings.worker_service)
+    assert [(e['visible'], e['desired_before'], e['desired']) for e in events] == [
+        (BURST, 0, 2),
+        (BURST, 2, 2),
+    ]
+    assert events[0]['reason'].startswith('scale up')
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith('{')]
+
+
+async def logged(path: Path, event: str) -> bool:
+    return any(entry['event'] == event for entry in json_lines(path))
+
+
+def running_tasks(settings: Settings) -> int:
+    listed = ecs(settings).list_tasks(
+        cluster=settings.ecs_cluster, serviceName=settings.worker_service, desiredStatus='RUNNING'
+    )
+    return len(listed['taskArns'])
+
+
+@pytest.fixture
+def services(
+    scaling_settings: Settings, database_url: str, tmp_path: Path
+) -> Iterator[tuple[Settings, Path]]:
+    """The auto-scaler and the local ECS agent as processes of their own; stopped afterwards."""
+    settings = scaling_settings
+    store.upgrade(database_url)
+    asyncio.run(bootstrapped(settings))
+    bootstrap_ecs(ecs(settings), settings.ecs_cluster, settings.worker_service)
+    env = {
+        **os.environ,
+        'DATABASE_URL': database_url,
+        'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': str(settings.aws_endpoint_url),
+        'DAGSTER_TASKIQ_QUEUE_NAME': settings.queue_name,
+        'DAGSTER_TASKIQ_ECS_CLUSTER': settings.ecs_cluster,
+        'DAGSTER_TASKIQ_WORKER_SERVICE': settings.worker_service,
+    }
+    bin_dir = Path(sys.executable).parent
+    commands = {
+        'agent': [str(bin_dir / 'dagster-taskiq-demo'), 'ecs-agent', '--poll-interval', '0.5',
+                  '--data-dir', str(tmp_path), '--worker-concurrency', '1'],
+        'autoscaler': [str(bin_dir / 'dagster-taskiq'), 'autoscaler', '--poll-interval', '0.5',
+                       '--min-workers', '1', '--max-workers', '3', '--target-backlog-per-worker',
+                       str(TARGET), '--scale-down-stabilisation', '5'],
+    }  # fmt: skip
+    processes = []
+    for name, command in commands.items():
+        with (tmp_path / f'{name}.log').open('wb') as log_file:
+            processes.append(
+                subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            )
+    try:
+        for name, started in (('agent', 'ecs_agent_started'), ('autoscaler', 'autoscaler_started')):
+            asyncio.run(
+                eventually(
+                    lambda n=name, s=started: logged(tmp_path / f'{n}.log', s),
+                    timeout_s=60,
+                    what=f'{name} to start',
+                )
+            )
+        yield settings, tmp_path
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            assert process.wait(90) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_burst_brings_up_workers_that_drain_and_scale_back(
+    services: tuple[Settings, Path], engine: AsyncEngine
+) -> None:
+    settings, logs = services
+
+    async def agent_events(event: str) -> list[dict[str, Any]]:
+        return [e for e in json_lines(logs / 'agent.log') if e['event'] == event]
+
+    async def one_running() -> bool:
+        return running_tasks(settings) == 1 and len(await agent_events('task_started')) == 1
+
+    await eventually(one_running, timeout_s=60, what='the minimum of one worker')
+    async with open_queue(settings) as queue:
+        burst_at = time.time()
+        for index in range(BURST):
+            await queue.send(f'not a step message {index}', {})
+
+    async def scaled_up() -> bool:
+        events = await store.list_scaling_events(engine, settings.worker_service)
+        return any(e['desired'] == 3 for e in events)
+
+    await eventually(scaled_up, timeout_s=30, what='desired 3')
+    events = await store.list_scaling_events(engine, settings.worker_service)
+    first_seen = next(e for e in events if e['visible'] + e['in_flight'] >= BURST)
+    assert first_seen['desired'] == 3  # ceil(12 / 4), decided by the first poll that saw it
+    assert first_seen['at'].timestamp() - burst_at < 2.0
+
+    async def three_running() -> bool:
+        return running_tasks(settings) == 3
+
+    await eventually(three_running, timeout_s=120, what='three workers running')
+
+    async def drained_and_scaled_down() -> bool:
+        depth = await queue_depth(settings)
+        stopped = await agent_events('task_stopped')
+        return depth == 0 and len(stopped) == 2 and running_tasks(settings) == 1
+
+    await eventually(drained_and_scaled_down, timeout_s=120, what='scale back to one')
+    assert {e['exit_code'] for e in await agent_events('task_stopped')} == {0}  # drained, exit 0
+
+    stopped = {e['worker_id'] for e in await agent_events('task_stopped')}
+    [survivor] = [e for e in await agent_events('task_started') if e['worker_id'] not in stopped]
+    os.kill(survivor['pid'], signal.SIGKILL)
+
+    async def replaced() -> bool:
+        return (
+            len(await agent_events('task_exited_unexpectedly')) == 1
+            and len(await agent_events('task_started')) == 4
+            and running_tasks(settings) == 1
+        )
+
+    await eventually(replaced, timeout_s=120, what='the killed worker replaced')
+
+
+async def queue_depth(settings: Settings) -> int:
+    async with open_queue(settings) as queue:
+        depth = await queue.depth()
+    return depth.visible + depth.in_flight
