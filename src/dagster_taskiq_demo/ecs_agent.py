@@ -2,10 +2,10 @@
 
 Each poll it reads the service's desiredCount from the emulator and reconciles it into real
 `dagster-taskiq worker` processes: starts missing ones, replaces any that exit unexpectedly, and
-stops surplus ones with SIGTERM (they drain first). Every process is registered as a task
-(RunTask, startedBy `ecs-svc/<service>`) and deregistered (StopTask) when it exits, so
-list-tasks shows what really runs: moto's own describe-services reports runningCount equal to
-desiredCount whatever runs.
+stops surplus ones with SIGTERM (they drain first). A process is registered as a task (RunTask,
+startedBy `ecs-svc/<service>`) once it serves, and deregistered (StopTask) when it exits, so
+list-tasks shows the workers really serving: moto's own describe-services reports runningCount
+equal to desiredCount whatever runs.
 """
 
 import signal
@@ -58,8 +58,8 @@ def bootstrap_ecs(ecs: Any, cluster: str, service: str) -> str:
 
 @dataclass
 class Task:
-    arn: str
     worker: WorkerProcess
+    arn: str | None = None  # registered once the worker serves
     stopping: bool = False
 
 
@@ -91,6 +91,8 @@ class LocalEcsAgent:
         """One pass: reap exited workers, start missing ones, stop surplus ones."""
         for task in [t for t in self.tasks if t.worker.process.poll() is not None]:
             self._deregister(task)
+        for task in [t for t in self.tasks if t.arn is None and 'worker_started' in t.worker.log()]:
+            self._register(task)
         desired = self.desired_count()
         live = [t for t in self.tasks if not t.stopping]
         for _ in range(desired - len(live)):
@@ -104,23 +106,28 @@ class LocalEcsAgent:
         worker_id = f'{self.service}-{self.started}'
         self.started += 1
         worker = spawn_worker(worker_id, self.log_dir, *self.worker_args, preload=self.preload)
+        self.tasks.append(Task(worker=worker))
+        log.info('task_starting', worker_id=worker_id, pid=worker.process.pid)
+
+    def _register(self, task: Task) -> None:
         response = self.ecs.run_task(
             cluster=self.cluster,
             taskDefinition=self.task_definition,
             startedBy=started_by(self.service),
             launchType='FARGATE',
         )
-        arn = response['tasks'][0]['taskArn']
-        self.tasks.append(Task(arn=arn, worker=worker))
-        log.info('task_started', task=arn, worker_id=worker_id, pid=worker.process.pid)
+        task.arn = response['tasks'][0]['taskArn']
+        worker = task.worker
+        log.info('task_started', task=task.arn, worker_id=worker.worker_id, pid=worker.process.pid)
 
     def _deregister(self, task: Task) -> None:
         self.tasks.remove(task)
         code = task.worker.process.returncode
         how = 'after SIGTERM' if task.stopping else 'unexpectedly'
-        self.ecs.stop_task(
-            cluster=self.cluster, task=task.arn, reason=f'worker exited {how} with code {code}'
-        )
+        if task.arn is not None:
+            self.ecs.stop_task(
+                cluster=self.cluster, task=task.arn, reason=f'worker exited {how} with code {code}'
+            )
         event = 'task_stopped' if task.stopping else 'task_exited_unexpectedly'
         log.info(event, task=task.arn, worker_id=task.worker.worker_id, exit_code=code)
 

@@ -90,7 +90,7 @@ def running_tasks(settings: Settings) -> int:
 @pytest.fixture
 def services(
     scaling_settings: Settings, database_url: str, tmp_path: Path
-) -> Iterator[tuple[Settings, Path]]:
+) -> Iterator[tuple[Settings, Path, dict[str, subprocess.Popen[bytes]]]]:
     """The auto-scaler and the local ECS agent as processes of their own; stopped afterwards."""
     settings = scaling_settings
     store.upgrade(database_url)
@@ -109,14 +109,14 @@ def services(
         'agent': [str(bin_dir / 'dagster-taskiq-demo'), 'ecs-agent', '--poll-interval', '0.5',
                   '--data-dir', str(tmp_path), '--worker-concurrency', '1'],
         'autoscaler': [str(bin_dir / 'dagster-taskiq'), 'autoscaler', '--poll-interval', '0.5',
-                       '--min-workers', '1', '--max-workers', '3', '--target-backlog-per-worker',
+                       '--min-workers', '0', '--max-workers', '3', '--target-backlog-per-worker',
                        str(TARGET), '--scale-down-stabilisation', '5'],
     }  # fmt: skip
-    processes = []
+    processes = {}
     for name, command in commands.items():
         with (tmp_path / f'{name}.log').open('wb') as log_file:
-            processes.append(
-                subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            processes[name] = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=env
             )
     try:
         for name, started in (('agent', 'ecs_agent_started'), ('autoscaler', 'autoscaler_started')):
@@ -127,28 +127,24 @@ def services(
                     what=f'{name} to start',
                 )
             )
-        yield settings, tmp_path
+        yield settings, tmp_path, processes
     finally:
-        for process in processes:
+        for process in processes.values():
             process.send_signal(signal.SIGTERM)
-        for process in processes:
+        for process in processes.values():
             assert process.wait(90) == 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_burst_brings_up_workers_that_drain_and_scale_back(
-    services: tuple[Settings, Path], engine: AsyncEngine
+    services: tuple[Settings, Path, dict[str, subprocess.Popen[bytes]]], engine: AsyncEngine
 ) -> None:
-    settings, logs = services
+    settings, logs, processes = services
 
     async def agent_events(event: str) -> list[dict[str, Any]]:
         return [e for e in json_lines(logs / 'agent.log') if e['event'] == event]
 
-    async def one_running() -> bool:
-        return running_tasks(settings) == 1 and len(await agent_events('task_started')) == 1
-
-    await eventually(one_running, timeout_s=60, what='the minimum of one worker')
     async with open_queue(settings) as queue:
         burst_at = time.time()
         for index in range(BURST):
@@ -164,27 +160,38 @@ async def test_a_burst_brings_up_workers_that_drain_and_scale_back(
     assert first_seen['desired'] == 3  # ceil(12 / 4), decided by the first poll that saw it
     assert first_seen['at'].timestamp() - burst_at < 2.0
 
-    async def three_running() -> bool:
-        return running_tasks(settings) == 3
+    async def three_started() -> bool:  # the workers drain the burst (to the DLQ) as they come up
+        return len(await agent_events('task_started')) == 3
 
-    await eventually(three_running, timeout_s=120, what='three workers running')
+    await eventually(three_started, timeout_s=120, what='three workers serving')
 
-    async def drained_and_scaled_down() -> bool:
-        depth = await queue_depth(settings)
+    async def drained_and_scaled_to_zero() -> bool:
         stopped = await agent_events('task_stopped')
-        return depth == 0 and len(stopped) == 2 and running_tasks(settings) == 1
+        return (
+            await queue_depth(settings) == 0 and len(stopped) == 3 and running_tasks(settings) == 0
+        )
 
-    await eventually(drained_and_scaled_down, timeout_s=120, what='scale back to one')
+    await eventually(drained_and_scaled_to_zero, timeout_s=120, what='scale back to zero')
     assert {e['exit_code'] for e in await agent_events('task_stopped')} == {0}  # drained, exit 0
 
-    stopped = {e['worker_id'] for e in await agent_events('task_stopped')}
-    [survivor] = [e for e in await agent_events('task_started') if e['worker_id'] not in stopped]
-    os.kill(survivor['pid'], signal.SIGKILL)
+    # The agent replaces a worker that dies: hold the service at one without the auto-scaler.
+    processes['autoscaler'].send_signal(signal.SIGTERM)
+    assert processes['autoscaler'].wait(60) == 0
+    ecs(settings).update_service(
+        cluster=settings.ecs_cluster, service=settings.worker_service, desiredCount=1
+    )
+
+    async def fourth_serving() -> bool:
+        return len(await agent_events('task_started')) == 4 and running_tasks(settings) == 1
+
+    await eventually(fourth_serving, timeout_s=120, what='one worker serving')
+    victim = (await agent_events('task_started'))[-1]
+    os.kill(victim['pid'], signal.SIGKILL)
 
     async def replaced() -> bool:
         return (
             len(await agent_events('task_exited_unexpectedly')) == 1
-            and len(await agent_events('task_started')) == 4
+            and len(await agent_events('task_started')) == 5
             and running_tasks(settings) == 1
         )
 
