@@ -28,6 +28,7 @@ from dagster_taskiq.autoscaler import (
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import open_queue
 from dagster_taskiq_demo.ecs_agent import bootstrap_ecs
+from dagster_taskiq_demo.emulator import start_moto
 from tests.cli import bootstrapped
 from tests.waiting import eventually
 
@@ -202,3 +203,62 @@ async def queue_depth(settings: Settings) -> int:
     async with open_queue(settings) as queue:
         depth = await queue.depth()
     return depth.visible + depth.in_flight
+
+
+def start_autoscaler(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    command = [str(Path(sys.executable).with_name('dagster-taskiq')), 'autoscaler']
+    with log_path.open('wb') as log_file:
+        return subprocess.Popen(
+            [*command, '--poll-interval', '0.2'],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+@pytest.mark.slow
+async def test_the_loop_survives_an_unreachable_endpoint(
+    scaling_settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    own_moto = start_moto()
+    settings = scaling_settings.model_copy(update={'aws_endpoint_url': own_moto.url})
+    store.upgrade(database_url)
+    await bootstrapped(settings)
+    bootstrap_ecs(ecs(settings), settings.ecs_cluster, settings.worker_service)
+    env = {
+        **os.environ,
+        'DATABASE_URL': database_url,
+        'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': own_moto.url,
+        'DAGSTER_TASKIQ_QUEUE_NAME': settings.queue_name,
+        'DAGSTER_TASKIQ_ECS_CLUSTER': settings.ecs_cluster,
+        'DAGSTER_TASKIQ_WORKER_SERVICE': settings.worker_service,
+        'DAGSTER_TASKIQ_RETRY_BASE_S': '0.05',
+        'DAGSTER_TASKIQ_RETRY_MAX_S': '0.1',
+    }
+    log_path = tmp_path / 'autoscaler.log'
+    scaler = start_autoscaler(env, log_path)
+    try:
+
+        async def polls(event: str, at_least: int) -> bool:
+            return sum(e['event'] == event for e in json_lines(log_path)) >= at_least
+
+        await eventually(lambda: polls('scaling_checked', 1), timeout_s=60, what='a poll')
+        own_moto.stop()
+        await eventually(lambda: polls('scaling_poll_failed', 3), timeout_s=60, what='failed polls')
+        assert scaler.poll() is None  # still looping
+        restarted = start_moto(own_moto.port)
+        try:
+            await bootstrapped(settings)  # the emulator came back empty
+            bootstrap_ecs(ecs(settings), settings.ecs_cluster, settings.worker_service)
+            checked = sum(e['event'] == 'scaling_checked' for e in json_lines(log_path))
+            await eventually(
+                lambda: polls('scaling_checked', checked + 1), timeout_s=60, what='recovery'
+            )
+        finally:
+            scaler.send_signal(signal.SIGTERM)
+            assert scaler.wait(60) == 0
+            restarted.stop()
+    finally:
+        if scaler.poll() is None:
+            scaler.kill()
+        own_moto.stop()
