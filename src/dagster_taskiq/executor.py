@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from dagster import Field, IntSource, Noneable, StringSource, executor
 from dagster import _check as check
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
-from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.execution.retries import RetryMode, get_retries_config
@@ -35,17 +35,13 @@ from dagster_taskiq import message, store
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import SqsQueue, open_queue
+from dagster_taskiq.step_process import TERMINAL_EVENTS
 
 T = TypeVar('T')
 
 DEFAULT_SLEEP_SECONDS = 0.1  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 LIVE_WORKER_WINDOW_S = 60.0
-_TERMINAL_EVENTS = {
-    DagsterEventType.STEP_SUCCESS,
-    DagsterEventType.STEP_FAILURE,
-    DagsterEventType.STEP_UP_FOR_RETRY,
-}
 # executor config key -> Settings field; absent keys fall back to DAGSTER_TASKIQ_* / AWS_* variables
 _SETTINGS_FIELDS = {
     'queue_url': 'queue_url',
@@ -183,7 +179,7 @@ class SqsStepHandler(StepHandler):
     def _failure_reported(self, context: StepHandlerContext, step_key: str, attempt: int) -> bool:
         """Whether Dagster's event log already ended this attempt (one terminal event each)."""
         records = context.instance.get_records_for_run(
-            context.execute_step_args.run_id, of_type=_TERMINAL_EVENTS
+            context.execute_step_args.run_id, of_type=TERMINAL_EVENTS
         ).records
         ended = [r for r in records if r.event_log_entry.step_key == step_key]
         return len(ended) > attempt

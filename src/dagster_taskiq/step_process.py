@@ -24,7 +24,7 @@ from dagster._serdes import deserialize_value
 from dagster._utils.interrupts import capture_interrupts
 
 MAX_ERROR_CHARS = 8000
-_TERMINAL_EVENTS = {
+TERMINAL_EVENTS = {  # an attempt ends in Dagster's event log with exactly one of these
     DagsterEventType.STEP_SUCCESS,
     DagsterEventType.STEP_FAILURE,
     DagsterEventType.STEP_UP_FOR_RETRY,
@@ -56,7 +56,7 @@ def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
             outcome.error = f'run {args.run_id} not found in the Dagster instance'
             return
         for event in _execute_step_command_body(args, instance, run):
-            if event.event_type in _TERMINAL_EVENTS:
+            if event.event_type in TERMINAL_EVENTS:
                 outcome.reported = True
                 outcome.succeeded = event.event_type is DagsterEventType.STEP_SUCCESS
                 if not outcome.succeeded:
