@@ -14,6 +14,7 @@ from dagster import DagsterInstance, execute_job
 from psycopg.rows import dict_row
 
 from dagster_taskiq import store
+from dagster_taskiq.cli import bootstrap_queues
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import QueueUrls
 from dagster_taskiq_demo.emulator import MotoServer
@@ -75,9 +76,6 @@ class Stack:
     tmp_path: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def settings(self) -> Settings:
-        return Settings()
-
     def start_workers(
         self, count: int, concurrency: int = 2, *extra: str, env: dict[str, str] | None = None
     ) -> list[WorkerProcess]:
@@ -135,8 +133,6 @@ def stack(
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    from dagster_taskiq.cli import bootstrap_queues
-
     urls = asyncio.run(bootstrap_queues(Settings()))
     stack = Stack(env=env, database_url=e2e_database_url, urls=urls, tmp_path=tmp_path)
     yield stack
