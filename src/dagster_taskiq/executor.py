@@ -35,11 +35,11 @@ from dagster_taskiq import message, store
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import SqsQueue, open_queue
-from dagster_taskiq.step_process import TERMINAL_EVENTS
+from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
 
 T = TypeVar('T')
 
-DEFAULT_SLEEP_SECONDS = 0.1  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
+DEFAULT_SLEEP_SECONDS = 0.05  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 LIVE_WORKER_WINDOW_S = 60.0
 # executor config key -> Settings field; absent keys fall back to DAGSTER_TASKIQ_* / AWS_* variables
@@ -281,6 +281,7 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
     only under one; without it the step fails with a message naming the lost worker.
     """
     config: Mapping[str, Any] = init_context.executor_config
+    keep_storage_connections(init_context.instance)
     return TaskiqExecutor(
         step_handler=SqsStepHandler(
             settings_from_config(config), config['step_queued_timeout_seconds']
