@@ -110,28 +110,45 @@ class SqsStepHandler(StepHandler):
         self._loop: _LoopThread | None = None
         self._resources = AsyncExitStack()
         self._queue: SqsQueue | None = None
+        self._queue_lock = asyncio.Lock()
         self._engine = store.async_engine(settings.database_url)
 
     @property
     def name(self) -> str:
         return 'SqsStepHandler'
 
-    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    def _loop_thread(self) -> _LoopThread:
         if self._loop is None:
             self._loop = _LoopThread('dagster-taskiq-executor')
-        return self._loop.run(coroutine)
+        return self._loop
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop_thread().run(coroutine)
+
+    def prepare(self) -> None:
+        """Open the queue in the background while the run starts, not in the first launch.
+
+        Creating the SQS client and resolving the queue URLs takes ~150 ms; a failure here is
+        raised again, with its reason, by the launch that needs the queue.
+        """
+        asyncio.run_coroutine_threadsafe(self._opened_queue(), self._loop_thread().loop)
 
     async def _opened_queue(self) -> SqsQueue:
-        if self._queue is None:
-            self._queue = await self._resources.enter_async_context(open_queue(self.settings))
-        return self._queue
+        async with self._queue_lock:
+            if self._queue is None:
+                self._queue = await self._resources.enter_async_context(open_queue(self.settings))
+            return self._queue
 
     def close(self) -> None:
         if self._loop is not None:
-            self._resources.push_async_callback(self._engine.dispose)
-            self._loop.run(self._resources.aclose())
+            self._loop.run(self._close())
             self._loop.close()
             self._loop = None
+
+    async def _close(self) -> None:
+        async with self._queue_lock:  # after an opening still in progress
+            self._resources.push_async_callback(self._engine.dispose)
+            await self._resources.aclose()
 
     # ----- launch -----
 
@@ -248,7 +265,7 @@ class SqsStepHandler(StepHandler):
 
 
 class TaskiqExecutor(StepDelegatingExecutor):
-    """Closes the step handler's connections when the run's execution ends."""
+    """Opens the step handler's queue as the run starts and closes its connections at the end."""
 
     def __init__(self, step_handler: SqsStepHandler, **kwargs: Any) -> None:
         super().__init__(step_handler, **kwargs)
@@ -257,6 +274,7 @@ class TaskiqExecutor(StepDelegatingExecutor):
     def execute(
         self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
     ) -> Iterator[DagsterEvent]:
+        self.sqs_step_handler.prepare()
         try:
             yield from super().execute(plan_context, execution_plan)
         finally:

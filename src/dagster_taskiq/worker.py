@@ -143,6 +143,7 @@ class Worker:
         self.slot_freed = asyncio.Event()
         self.running: dict[str, RunningStep] = {}
         self.message_tasks: set[asyncio.Task[None]] = set()
+        self.late_receive: asyncio.Future[list[Received]] | None = None
         self.heartbeat_interval_s = settings.lease_s / 3
         self.log = log.bind(worker_id=self.worker_id)
 
@@ -184,6 +185,7 @@ class Worker:
 
     async def shutdown(self) -> None:
         """Let running steps finish within the drain timeout; release the rest."""
+        giving_back = asyncio.ensure_future(self._give_back_late_receive())
         if self.message_tasks:
             self.log.info('worker_draining', running=len(self.running))
             await asyncio.wait(self.message_tasks, timeout=self.options.drain_timeout_s)
@@ -191,6 +193,7 @@ class Worker:
             await self._release(step)
         if self.message_tasks:
             await asyncio.wait(self.message_tasks, timeout=STOP_GRACE_S)
+        await giving_back
 
     async def _release(self, step: RunningStep) -> None:
         """Give an unfinished attempt back: stop its process, end its lease, make it visible."""
@@ -221,9 +224,7 @@ class Worker:
                 await self._until_stopped(asyncio.sleep(pause_s))
                 continue
             try:
-                received = await self._until_stopped(
-                    self.queue.receive(min(self.free_slots(), 10), wait_s=self.options.poll_wait_s)
-                )
+                received = await self._receive()
             except CircuitOpen:
                 continue
             except TransportError as error:
@@ -234,6 +235,36 @@ class Worker:
                 task = asyncio.create_task(self._handle(item), name=f'message-{item.message_id}')
                 self.message_tasks.add(task)
                 task.add_done_callback(self._message_done)
+
+    async def _receive(self) -> list[Received]:
+        """One long poll's messages; none if the worker is told to stop meanwhile.
+
+        A poll cut short on our side still takes the next message on SQS's side, which would then
+        stay invisible for the visibility timeout: so a poll interrupted by the stop is left to
+        finish, and `shutdown` gives back what it brings.
+        """
+        receiving = asyncio.ensure_future(
+            self.queue.receive(min(self.free_slots(), 10), wait_s=self.options.poll_wait_s)
+        )
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if self.stop.is_set():
+            self.late_receive = receiving
+            return []
+        return receiving.result()
+
+    async def _give_back_late_receive(self) -> None:
+        """Make the messages of a poll that ended after the stop visible again at once."""
+        if self.late_receive is None:
+            return
+        try:
+            received = await self.late_receive
+        except (CircuitOpen, TransportError):
+            return
+        for item in received:
+            self.log.info('message_given_back', message_id=item.message_id)
+            await self._queue_call(self.queue.change_visibility(item.receipt_handle, 0))
 
     def _message_done(self, task: asyncio.Task[None]) -> None:
         self.message_tasks.discard(task)

@@ -246,3 +246,22 @@ def test_sigterm_past_the_drain_timeout_releases_the_step(
     assert ok
     steps = [r for r in stack.executions(run_id) if r['step_key'] == 'sleep_then_return']
     assert [(r['attempt'], r['state']) for r in steps] == [(0, 'ABANDONED'), (1, 'COMPLETED')]
+
+
+def test_a_poll_cut_short_by_sigterm_gives_its_message_back(stack: Stack) -> None:
+    """SQS still answers a long poll its worker gave up: that message must not go invisible."""
+    client = sqs(stack)
+    stopping = stack.start_worker(1, '--poll-wait', '20')
+    wait_until(  # registered after its first long poll went out
+        lambda: stack.rows(
+            'SELECT 1 FROM workers WHERE worker_id = %(worker_id)s', worker_id=stopping.worker_id
+        ),
+        what='the worker polling',
+    )
+    stopping.process.send_signal(signal.SIGTERM)
+    client.send_message(QueueUrl=stack.urls.queue_url, MessageBody='sent during the stop')
+    assert stopping.process.wait(30) == 0
+    # visible again at once, not after the visibility timeout (2 x LEASE_S here)
+    response = client.receive_message(QueueUrl=stack.urls.queue_url, WaitTimeSeconds=1)
+    assert [m['Body'] for m in response.get('Messages', [])] == ['sent during the stop']
+    assert 'message_given_back' in stopping.log()
