@@ -155,3 +155,16 @@ def test_a_step_queued_too_long_fails_with_the_queue_and_worker_counts(
     assert f'{run_id}:ping:2 waited' in message
     assert 'queue depth: 3 visible' in message
     assert 'live workers: 0' in message
+
+
+@pytest.mark.slow
+def test_a_worker_without_the_runs_dagster_home_builds_each_steps_instance(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """No warm instance in the forkserver: every step builds one from its run's instance ref."""
+    [worker] = stack.start_workers(1, 2, env={'DAGSTER_HOME': ''})
+    ok, run_id = run(instance, 'fast_job')
+    assert ok
+    assert {state for _, _, state in attempts(stack, run_id)} == {'COMPLETED'}
+    assert {r['owner'] for r in stack.executions(run_id)} == {worker.worker_id}
+    assert 'step_warm_up_failed' not in worker.log()
