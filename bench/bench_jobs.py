@@ -13,6 +13,7 @@ from dagster import (
     ExecutorDefinition,
     FilesystemIOManager,
     GraphDefinition,
+    OpDefinition,
     graph,
     in_process_executor,
     multiprocess_executor,
@@ -80,27 +81,25 @@ def fan_out() -> None:
     gather(spread().map(increment).collect())
 
 
-@graph
-def many() -> None:
-    for index in range(MANY_WIDTH):
-        nap.alias(f'nap_{index}')()
-
-
-@graph
-def noop_wide() -> None:
-    for index in range(NOOP_WIDTH):
-        noop.alias(f'noop_{index}')()
-
-
 @op
 def doze() -> None:
     time.sleep(MEMORY_STEP_S)
 
 
-@graph
-def sleepy() -> None:
-    for index in range(MEMORY_STEPS):
-        doze.alias(f'doze_{index}')()
+def side_by_side(name: str, op_def: OpDefinition, width: int) -> GraphDefinition:
+    """`width` copies of `op_def` with no dependencies between them: all may run at once."""
+
+    @graph(name=name)
+    def copies() -> None:
+        for index in range(width):
+            op_def.alias(f'{op_def.name}_{index}')()
+
+    return copies
+
+
+many = side_by_side('many', nap, MANY_WIDTH)
+noop_wide = side_by_side('noop_wide', noop, NOOP_WIDTH)
+sleepy = side_by_side('sleepy', doze, MEMORY_STEPS)
 
 
 @graph

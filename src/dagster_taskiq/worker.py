@@ -40,7 +40,7 @@ DEFAULT_CONCURRENCY = 4
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_POLL_WAIT_S = 20
 STOP_GRACE_S = 10.0  # how long a signalled step process gets to write Dagster's events and exit
-STORE_RETRY_VISIBILITY_S = 5
+STORE_RETRY_VISIBILITY_S = 5  # a message whose claim hit an unreachable database comes back soon
 # Modules Dagster imports lazily while it executes a step (~25 ms a step when not preloaded);
 # the forkserver skips a name it cannot import, so a Dagster release that moves one costs only time
 DAGSTER_STEP_MODULES = (
@@ -50,7 +50,7 @@ DAGSTER_STEP_MODULES = (
     'dagster._core.workspace.autodiscovery',
     'dagster._utils.temp_file',
     'dagster._utils.test.definitions',
-)  # a message whose claim hit an unreachable database comes back soon
+)
 
 
 def default_worker_id() -> str:
