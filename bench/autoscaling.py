@@ -24,9 +24,9 @@ from typing import Any
 import boto3
 
 from dagster_taskiq import store
-from dagster_taskiq.cli import bootstrap_queues
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import open_queue
+from dagster_taskiq.sqs import bootstrap_queues, open_queue
+from dagster_taskiq.store import Store
 from dagster_taskiq_demo.ecs_agent import bootstrap_ecs
 from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, start_moto
 from dagster_taskiq_demo.stack import create_database, drop_database
@@ -147,11 +147,11 @@ def run(
 
 
 async def scaling_events(database_url: str, service: str) -> list[Any]:
-    engine = store.async_engine(database_url)
+    db = Store.connect(database_url)
     try:
-        return list(await store.list_scaling_events(engine, service))
+        return list(await db.list_scaling_events(service))
     finally:
-        await engine.dispose()
+        await db.close()
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -24,8 +24,8 @@ from dagster import DagsterInstance, execute_job
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 from dagster_taskiq import store
-from dagster_taskiq.cli import bootstrap_queues
 from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import bootstrap_queues
 from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, start_moto
 from dagster_taskiq_demo.stack import (
     WorkerProcess,

@@ -8,10 +8,10 @@ import psycopg
 import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dagster_taskiq import store
 from dagster_taskiq.settings import Settings
+from dagster_taskiq.store import Store
 from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, MotoServer, start_moto
 
 # Tests reach AWS only through the emulator; never through credentials or a profile on the machine.
@@ -56,12 +56,12 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """An async engine on a migrated private schema."""
+async def db(database_url: str) -> AsyncIterator[Store]:
+    """The store on a migrated private schema."""
     store.upgrade(database_url)
-    engine = store.async_engine(database_url)
-    yield engine
-    await engine.dispose()
+    db = Store.connect(database_url)
+    yield db
+    await db.close()
 
 
 @pytest.fixture

@@ -16,13 +16,20 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import aioboto3
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dagster_taskiq import store
+from dagster_taskiq.defaults import (
+    DEFAULT_ACTIVATION_THRESHOLD,
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_MIN_WORKERS,
+    DEFAULT_SCALE_DOWN_STABILISATION_S,
+    DEFAULT_TARGET_BACKLOG_PER_WORKER,
+)
 from dagster_taskiq.errors import StoreUnavailable, TransportError
 from dagster_taskiq.logs import get_logger
+from dagster_taskiq.resilience import CircuitBreaker, aws_client_config, guarded_call
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import CircuitBreaker, SqsQueue, client_config, guarded_call, open_queue
+from dagster_taskiq.sqs import SqsQueue, open_queue
+from dagster_taskiq.store import Store
 
 if TYPE_CHECKING:
     from types_aiobotocore_ecs.client import ECSClient
@@ -30,13 +37,6 @@ else:
     ECSClient = object
 
 log = get_logger(__name__)
-
-DEFAULT_MIN_WORKERS = 0
-DEFAULT_MAX_WORKERS = 10
-DEFAULT_TARGET_BACKLOG_PER_WORKER = 4
-DEFAULT_POLL_INTERVAL_S = 5.0
-DEFAULT_SCALE_DOWN_STABILISATION_S = 60.0
-DEFAULT_ACTIVATION_THRESHOLD = 1
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def decide(
 async def ecs_client(settings: Settings) -> AsyncIterator[ECSClient]:
     session = aioboto3.Session(region_name=settings.aws_region)
     async with session.client(
-        'ecs', endpoint_url=settings.aws_endpoint_url, config=client_config()
+        'ecs', endpoint_url=settings.aws_endpoint_url, config=aws_client_config()
     ) as client:
         yield client
 
@@ -147,7 +147,7 @@ class EcsService:
         self.cluster = cluster
         self.service = service
         self.settings = settings
-        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
+        self.breaker = CircuitBreaker.from_settings(settings)
 
     async def counts(self) -> tuple[int, int]:
         """(desired, running): running counts the service's RUNNING tasks."""
@@ -192,7 +192,7 @@ async def observe(queue: SqsQueue, service: EcsService) -> Observation:
 async def scale_once(
     queue: SqsQueue,
     service: EcsService,
-    engine: AsyncEngine,
+    store: Store,
     policy: ScalingPolicy,
     history: deque[Recommendation],
 ) -> Decision:
@@ -216,7 +216,7 @@ async def scale_once(
         'desired': decision.desired,
         'reason': decision.reason,
     }
-    await store.record_scaling_event(engine, **event)
+    await store.record_scaling_event(**event)
     log.info('scaled' if decision.desired != observation.desired else 'scaling_checked', **event)
     return decision
 
@@ -233,19 +233,20 @@ async def run_autoscaler(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    engine = store.async_engine(settings.database_url)
+    store = Store.from_settings(settings)
     history: deque[Recommendation] = deque()
     try:
+        await store.check_schema()
         async with open_queue(settings) as queue, ecs_client(settings) as client:
             service = EcsService(client, cluster, service_name, settings)
             log.info('autoscaler_started', service=service_name, **asdict(policy))
             while not stop.is_set():
                 try:
-                    await scale_once(queue, service, engine, policy, history)
+                    await scale_once(queue, service, store, policy, history)
                 except (TransportError, StoreUnavailable) as error:
                     log.warning('scaling_poll_failed', error=str(error))
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=poll_interval_s)
     finally:
-        await engine.dispose()
+        await store.close()
     log.info('autoscaler_stopped')

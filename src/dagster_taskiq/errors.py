@@ -13,6 +13,10 @@ class TransportError(DagsterTaskiqError):
     """An SQS call failed after its retries."""
 
 
+class QueueMissing(TransportError):
+    """The queue does not exist (never bootstrapped, or deleted under a running worker)."""
+
+
 class CircuitOpen(TransportError):
     """The circuit breaker is open: calls fail fast until a probe after the cool-down succeeds."""
 

@@ -31,35 +31,31 @@ from dagster._core.executor.step_delegating import (
 )
 from sqlalchemy.engine import RowMapping
 
-from dagster_taskiq import message, store
+from dagster_taskiq import message
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import SqsQueue, open_queue
 from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
+from dagster_taskiq.store import StepState, Store
 
 T = TypeVar('T')
 
 DEFAULT_SLEEP_SECONDS = 0.05  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 LIVE_WORKER_WINDOW_S = 60.0
-# executor config key -> Settings field; absent keys fall back to DAGSTER_TASKIQ_* / AWS_* variables
-_SETTINGS_FIELDS = {
-    'queue_url': 'queue_url',
-    'queue_name': 'queue_name',
-    'endpoint_url': 'aws_endpoint_url',
-    'region': 'aws_region',
-    'database_url': 'database_url',
-}
+# executor config keys named as the Settings fields they set; absent keys fall back to the
+# DAGSTER_TASKIQ_* / AWS_* variables
+_SETTINGS_FIELDS = ('queue_url', 'queue_name', 'aws_endpoint_url', 'aws_region', 'database_url')
 
 TASKIQ_CONFIG = {
     'queue_url': Field(StringSource, is_required=False, description='URL of the step queue.'),
     'queue_name': Field(
         StringSource, is_required=False, description='Name of the step queue (if no queue_url).'
     ),
-    'endpoint_url': Field(
+    'aws_endpoint_url': Field(
         StringSource, is_required=False, description='AWS endpoint (moto, LocalStack); unset: AWS.'
     ),
-    'region': Field(StringSource, is_required=False, description='AWS region.'),
+    'aws_region': Field(StringSource, is_required=False, description='AWS region.'),
     'database_url': Field(
         StringSource, is_required=False, description='PostgreSQL URL of the idempotency store.'
     ),
@@ -111,7 +107,7 @@ class SqsStepHandler(StepHandler):
         self._resources = AsyncExitStack()
         self._queue: SqsQueue | None = None
         self._queue_lock = asyncio.Lock()
-        self._engine = store.async_engine(settings.database_url)
+        self._store = Store.from_settings(settings)
 
     @property
     def name(self) -> str:
@@ -147,14 +143,13 @@ class SqsStepHandler(StepHandler):
 
     async def _close(self) -> None:
         async with self._queue_lock:  # after an opening still in progress
-            self._resources.push_async_callback(self._engine.dispose)
+            self._resources.push_async_callback(self._store.close)
             await self._resources.aclose()
 
     # ----- launch -----
 
     async def _enqueue(self, task: message.OpExecutionTask) -> str:
-        recorded = await store.record_enqueued(
-            self._engine,
+        recorded = await self._store.record_enqueued(
             task.idempotency_key,
             run_id=task.run_id,
             job_name=task.job_name,
@@ -162,7 +157,7 @@ class SqsStepHandler(StepHandler):
             attempt=task.attempt,
         )
         if not recorded:
-            row = await store.get_execution(self._engine, task.idempotency_key)
+            row = await self._store.get_execution(task.idempotency_key)
             raise DagsterTaskiqError(
                 f'attempt {task.idempotency_key} was launched before (now {row and row["state"]}); '
                 'an attempt key runs at most once'
@@ -202,12 +197,12 @@ class SqsStepHandler(StepHandler):
         return len(ended) > attempt
 
     async def _queued_too_long(self, key: str, age_s: float) -> str | None:
-        if not await store.cancel(
-            self._engine, key, reason=f'still queued after {age_s:.0f} s', only_queued=True
+        if not await self._store.cancel(
+            key, reason=f'still queued after {age_s:.0f} s', only_queued=True
         ):
             return None  # a worker claimed it meanwhile
         depth = await (await self._opened_queue()).depth()
-        workers = await store.live_workers(self._engine, LIVE_WORKER_WINDOW_S)
+        workers = await self._store.live_workers(LIVE_WORKER_WINDOW_S)
         return (
             f'attempt {key} waited {age_s:.0f} s in the queue '
             f'(> step_queued_timeout_seconds={self.step_queued_timeout_s}); queue depth: '
@@ -217,21 +212,21 @@ class SqsStepHandler(StepHandler):
 
     async def _health(self, key: str) -> tuple[str | None, RowMapping | None]:
         """(unhealthy reason or None, the attempt's row) from the store's point of view."""
-        row = await store.get_execution(self._engine, key)
+        row = await self._store.get_execution(key)
         if row is None:
             return f'no record of attempt {key} in the idempotency store', None
         state = row['state']
-        if state == store.StepState.RUNNING and row['lease_expired']:
-            reason = await store.abandon(self._engine, key, token=row['lease_token'])
+        if state == StepState.RUNNING and row['lease_expired']:
+            reason = await self._store.abandon(key, token=row['lease_token'])
             if reason is None:  # renewed, finished or abandoned meanwhile: look again
                 return await self._health(key)
             return f'worker lost: {reason}', row
         timeout_s = self.step_queued_timeout_s
-        if state == store.StepState.QUEUED and timeout_s is not None and row['age_s'] > timeout_s:
+        if state == StepState.QUEUED and timeout_s is not None and row['age_s'] > timeout_s:
             return await self._queued_too_long(key, float(row['age_s'])), row
-        if state == store.StepState.ABANDONED:
+        if state == StepState.ABANDONED:
             return f'worker lost: {row["error"]}', row
-        if state == store.StepState.CANCELLED:
+        if state == StepState.CANCELLED:
             return f'attempt {key} was cancelled: {row["error"]}', row
         return None, row
 
@@ -242,7 +237,7 @@ class SqsStepHandler(StepHandler):
             return CheckStepHealthResult.unhealthy(reason)
         if (
             row is not None
-            and row['state'] == store.StepState.FAILED
+            and row['state'] == StepState.FAILED
             and not self._failure_reported(step_handler_context, step_key, attempt)
         ):
             return CheckStepHealthResult.unhealthy(
@@ -255,7 +250,7 @@ class SqsStepHandler(StepHandler):
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         step_key, _, key = message.step_identity(step_handler_context.execute_step_args)
-        cancelled = self._run(store.cancel(self._engine, key, reason='run terminated'))
+        cancelled = self._run(self._store.cancel(key, reason='run terminated'))
         DagsterEvent.engine_event(
             step_handler_context.get_step_context(step_key),
             f'Cancelled attempt {key}' if cancelled else f'Attempt {key} had already ended',
@@ -282,7 +277,7 @@ class TaskiqExecutor(StepDelegatingExecutor):
 
 
 def settings_from_config(config: Mapping[str, Any]) -> Settings:
-    overrides = {field: config[key] for key, field in _SETTINGS_FIELDS.items() if key in config}
+    overrides = {key: config[key] for key in _SETTINGS_FIELDS if key in config}
     return Settings(**overrides)
 
 

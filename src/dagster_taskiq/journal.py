@@ -13,11 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from dagster_taskiq import store
 from dagster_taskiq.errors import StoreUnavailable
-from dagster_taskiq.store import StepState
+from dagster_taskiq.store import StepState, Store
 
 
 @dataclass(frozen=True)
@@ -29,10 +26,9 @@ class Entry:
     effects: Sequence[dict[str, Any]] = field(default_factory=list)
 
 
-async def write(engine: AsyncEngine, entry: Entry) -> bool:
+async def write(store: Store, entry: Entry) -> bool:
     """Record the outcome (fenced); False when the token was stale."""
     return await store.finish(
-        engine,
         entry.key,
         token=entry.token,
         outcome=entry.outcome,
@@ -68,7 +64,7 @@ def _claim(directory: Path, worker_id: str) -> list[tuple[Path, list[Entry]]]:
     return claimed
 
 
-async def reconcile(directory: Path, worker_id: str, engine: AsyncEngine) -> int:
+async def reconcile(directory: Path, worker_id: str, store: Store) -> int:
     """Write every journaled outcome in `directory`; returns how many were written (or refused).
 
     What cannot be written yet goes back into this worker's journal, and StoreUnavailable is raised.
@@ -78,7 +74,7 @@ async def reconcile(directory: Path, worker_id: str, engine: AsyncEngine) -> int
     for path, entries in await asyncio.to_thread(_claim, directory, worker_id):
         for index, entry in enumerate(entries):
             try:
-                await write(engine, entry)
+                await write(store, entry)
             except StoreUnavailable:
                 for rest in entries[index:]:
                     append(directory, worker_id, rest)

@@ -1,14 +1,13 @@
 """Worker health and Prometheus metrics over HTTP: `/healthz` and `/metrics`."""
 
-import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-if TYPE_CHECKING:
-    from dagster_taskiq.worker import Worker
+from dagster_taskiq.errors import ConfigError
 
 
 class WorkerMetrics:
@@ -41,31 +40,34 @@ class WorkerMetrics:
         )
 
 
-async def serve_health_and_metrics(worker: 'Worker', port: int, stop: asyncio.Event) -> None:
+@asynccontextmanager
+async def health_and_metrics_server(
+    port: int, registry: CollectorRegistry, health: Callable[[], Mapping[str, object]]
+) -> AsyncIterator[None]:
+    """Serve `/healthz` (`health()` as JSON) and `/metrics` (`registry`) on `port` while inside.
+
+    A port that cannot be bound is a ConfigError at once, not a task that dies later.
+    """
+
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                'status': 'stopping' if stop.is_set() else 'ok',
-                'worker_id': worker.worker_id,
-                'running': len(worker.running),
-                'concurrency': worker.options.concurrency,
-                'sqs_breaker': str(worker.queue.breaker.state),
-                'db_breaker': str(worker.db_breaker.state),
-            }
-        )
+        return web.json_response(dict(health()))
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(worker.metrics.registry),
-            headers={'Content-Type': CONTENT_TYPE_LATEST},
+            body=generate_latest(registry), headers={'Content-Type': CONTENT_TYPE_LATEST}
         )
 
     app = web.Application()
     app.add_routes([web.get('/healthz', healthz), web.get('/metrics', metrics)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, '0.0.0.0', port).start()
     try:
-        await asyncio.Event().wait()  # serve until cancelled, draining included
+        await web.TCPSite(runner, '0.0.0.0', port).start()
+    except OSError as error:
+        await runner.cleanup()
+        message = f'cannot serve /healthz and /metrics on port {port}: {error.strerror}'
+        raise ConfigError(message) from error
+    try:
+        yield
     finally:
         await runner.cleanup()

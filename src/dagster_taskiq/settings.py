@@ -1,21 +1,23 @@
 """Settings from the environment (prefix DAGSTER_TASKIQ_); standard AWS variables are honoured."""
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_QUEUE_NAME = 'dagster-taskiq-steps'
-DEFAULT_ECS_CLUSTER = 'dagster-taskiq-local'
-DEFAULT_WORKER_SERVICE = 'taskiq-worker'
-DEFAULT_REGION = 'us-east-1'
-DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/postgres'
-DEFAULT_VISIBILITY_TIMEOUT_S = 60
-DEFAULT_MAX_RECEIVE_COUNT = 10
-DEFAULT_LEASE_S = 30.0
-DEFAULT_RETRY_BASE_S = 1.0
-DEFAULT_RETRY_MAX_S = 16.0
-DEFAULT_RETRY_ATTEMPTS = 6  # one call and 5 retries, waits capped at 1, 2, 4, 8, 16 s
-DEFAULT_BREAKER_THRESHOLD = 5
-DEFAULT_BREAKER_COOLDOWN_S = 30.0
+from dagster_taskiq.defaults import (
+    DEFAULT_BREAKER_COOLDOWN_S,
+    DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_DATABASE_URL,
+    DEFAULT_ECS_CLUSTER,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_RECEIVE_COUNT,
+    DEFAULT_QUEUE_NAME,
+    DEFAULT_REGION,
+    DEFAULT_RETRY_ATTEMPTS,
+    DEFAULT_RETRY_BASE_S,
+    DEFAULT_RETRY_MAX_S,
+    DEFAULT_VISIBILITY_TIMEOUT_S,
+    DEFAULT_WORKER_SERVICE,
+)
 
 
 class Settings(BaseSettings):
@@ -43,15 +45,22 @@ class Settings(BaseSettings):
     queue_url: str | None = None
     ecs_cluster: str = DEFAULT_ECS_CLUSTER
     worker_service: str = DEFAULT_WORKER_SERVICE
-    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
-    max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT
-    lease_s: float = DEFAULT_LEASE_S
+    visibility_timeout_s: int = Field(DEFAULT_VISIBILITY_TIMEOUT_S, ge=0, le=43200)  # SQS's range
+    max_receive_count: int = Field(DEFAULT_MAX_RECEIVE_COUNT, ge=1, le=1000)
+    lease_s: float = Field(DEFAULT_LEASE_S, gt=0)
     signing_key: SecretStr | None = None
-    retry_base_s: float = DEFAULT_RETRY_BASE_S
-    retry_max_s: float = DEFAULT_RETRY_MAX_S
-    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
-    breaker_threshold: int = DEFAULT_BREAKER_THRESHOLD
-    breaker_cooldown_s: float = DEFAULT_BREAKER_COOLDOWN_S
+    retry_base_s: float = Field(DEFAULT_RETRY_BASE_S, gt=0)
+    retry_max_s: float = Field(DEFAULT_RETRY_MAX_S, gt=0)
+    retry_attempts: int = Field(DEFAULT_RETRY_ATTEMPTS, ge=1)
+    breaker_threshold: int = Field(DEFAULT_BREAKER_THRESHOLD, ge=1)
+    breaker_cooldown_s: float = Field(DEFAULT_BREAKER_COOLDOWN_S, ge=0)
+
+    @field_validator('aws_endpoint_url')
+    @classmethod
+    def _endpoint_has_a_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(('http://', 'https://')):
+            raise ValueError(f'{url!r} needs a scheme, e.g. http://{url}')
+        return url
 
     @property
     def dlq_name(self) -> str:

@@ -1,31 +1,21 @@
-"""SQS transport: aioboto3 client, idempotent queue bootstrap, retries and a circuit breaker.
+"""SQS transport: aioboto3 client, the idempotent queue bootstrap and the step queue.
 
-Every call goes through `guarded_call`: transient errors (connection, timeout, throttling, 5xx)
-are retried with exponential backoff and full jitter (waits capped at 1, 2, 4, 8, 16 s by default),
-and each failed try counts towards the circuit breaker, which opens after 5 consecutive failures;
-an open breaker fails calls at once until its cool-down ends, then lets a probe through.
+Every call goes through `resilience.guarded_call` (retries with backoff, one circuit breaker per
+queue), and botocore's errors come out as `TransportError`.
 """
 
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, TypeVar
 
 import aioboto3
 import botocore.exceptions
-from aiobotocore.config import AioConfig
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
-from dagster_taskiq.errors import CircuitOpen, TransportError
+from dagster_taskiq.errors import QueueMissing, TransportError
 from dagster_taskiq.logs import get_logger
+from dagster_taskiq.resilience import CircuitBreaker, aws_client_config, guarded_call
 from dagster_taskiq.settings import Settings
 
 if TYPE_CHECKING:
@@ -39,119 +29,9 @@ log = get_logger(__name__)
 
 MAX_RECEIVE_BATCH = 10  # SQS's limit per ReceiveMessage
 MAX_WAIT_S = 20  # SQS's longest long poll
+_MISSING_QUEUE_CODES = {'AWS.SimpleQueueService.NonExistentQueue', 'QueueDoesNotExist'}
 MAX_REASON_CHARS = 1000
 DLQ_RETENTION_S = 14 * 24 * 3600
-_THROTTLING_CODES = {'Throttling', 'ThrottlingException', 'RequestThrottled', 'ServiceUnavailable'}
-
-
-class BreakerState(StrEnum):
-    CLOSED = 'closed'
-    OPEN = 'open'
-    HALF_OPEN = 'half-open'
-
-
-class CircuitBreaker:
-    """Counts consecutive failures; open after `threshold` of them, half-open after `cooldown_s`."""
-
-    def __init__(
-        self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.threshold = threshold
-        self.cooldown_s = cooldown_s
-        self.clock = clock
-        self.failures = 0
-        self.opened_at: float | None = None
-
-    @property
-    def state(self) -> BreakerState:
-        if self.opened_at is None:
-            return BreakerState.CLOSED
-        if self.clock() - self.opened_at < self.cooldown_s:
-            return BreakerState.OPEN
-        return BreakerState.HALF_OPEN
-
-    def seconds_until_probe(self) -> float:
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, self.opened_at + self.cooldown_s - self.clock())
-
-    def check(self, what: str) -> None:
-        if self.state is BreakerState.OPEN:
-            raise CircuitOpen(
-                f'{what}: circuit open after {self.failures} consecutive failures; '
-                f'next probe in {self.seconds_until_probe():.1f} s'
-            )
-
-    def record_success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def record_failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold or self.opened_at is not None:
-            self.opened_at = self.clock()
-
-
-def is_transient(error: BaseException) -> bool:
-    """Worth retrying: the endpoint was unreachable, slow, throttling or failing on its side."""
-    if isinstance(
-        error,
-        botocore.exceptions.ConnectionError
-        | botocore.exceptions.HTTPClientError
-        | botocore.exceptions.ReadTimeoutError,
-    ):
-        return True
-    if isinstance(error, botocore.exceptions.ClientError):
-        status = error.response.get('ResponseMetadata', {}).get('HTTPStatusCode', 0)
-        return error.response.get('Error', {}).get('Code') in _THROTTLING_CODES or status >= 500
-    return False
-
-
-async def guarded_call(
-    breaker: CircuitBreaker, settings: Settings, what: str, call: Callable[[], Awaitable[T]]
-) -> T:
-    """`call()` with retries on transient errors, gated by `breaker`.
-
-    botocore errors become TransportError; CircuitOpen passes through.
-    """
-
-    async def tried() -> T:
-        breaker.check(what)
-        try:
-            result = await call()
-        except Exception as error:
-            if is_transient(error):
-                breaker.record_failure()
-                log.warning(
-                    'aws_call_failed', call=what, error=str(error), failures=breaker.failures
-                )
-            raise
-        breaker.record_success()
-        return result
-
-    retrying = AsyncRetrying(
-        wait=wait_random_exponential(multiplier=settings.retry_base_s, max=settings.retry_max_s),
-        stop=stop_after_attempt(settings.retry_attempts),
-        retry=retry_if_exception(
-            lambda error: is_transient(error) and breaker.state is not BreakerState.OPEN
-        ),
-        reraise=True,
-    )
-    try:
-        return await retrying(tried)
-    except CircuitOpen:
-        raise
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise TransportError(f'{what} failed: {error}') from error
-
-
-def client_config() -> AioConfig:
-    """botocore's own retries off (guarded_call retries), reads long enough for a long poll."""
-    return AioConfig(
-        retries={'max_attempts': 1, 'mode': 'standard'},
-        connect_timeout=5,
-        read_timeout=MAX_WAIT_S + 10,
-    )
 
 
 @asynccontextmanager
@@ -159,7 +39,7 @@ async def sqs_client(settings: Settings) -> AsyncIterator[SQSClient]:
     """An SQS client for the configured endpoint and region."""
     session = aioboto3.Session(region_name=settings.aws_region)
     async with session.client(
-        'sqs', endpoint_url=settings.aws_endpoint_url, config=client_config()
+        'sqs', endpoint_url=settings.aws_endpoint_url, config=aws_client_config()
     ) as client:
         yield client
 
@@ -227,6 +107,13 @@ async def bootstrap(client: SQSClient, settings: Settings, breaker: CircuitBreak
     return urls
 
 
+def _queue_missing(error: BaseException | None) -> bool:
+    return (
+        isinstance(error, botocore.exceptions.ClientError)
+        and error.response.get('Error', {}).get('Code') in _MISSING_QUEUE_CODES
+    )
+
+
 def _string_attributes(attributes: Mapping[str, str | int]) -> dict[str, dict[str, str]]:
     return {
         name: {'DataType': 'String', 'StringValue': str(value)}
@@ -246,7 +133,12 @@ class SqsQueue:
         self.breaker = breaker
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        return await guarded_call(self.breaker, self.settings, what, call)
+        try:
+            return await guarded_call(self.breaker, self.settings, what, call)
+        except TransportError as error:
+            if _queue_missing(error.__cause__):
+                raise QueueMissing(f'{what}: the queue does not exist any more: {error}') from error
+            raise
 
     async def send(self, body: str, attributes: Mapping[str, str | int]) -> str:
         """Send a message to the step queue; returns its message id."""
@@ -378,13 +270,28 @@ async def resolve_urls(client: SQSClient, settings: Settings, breaker: CircuitBr
         dlq_url = (await client.get_queue_url(QueueName=dlq_arn.rsplit(':', 1)[-1]))['QueueUrl']
         return QueueUrls(queue_url=queue_url, dlq_url=dlq_url)
 
-    return await guarded_call(breaker, settings, 'resolve_urls', resolve)
+    try:
+        return await guarded_call(breaker, settings, 'resolve_urls', resolve)
+    except TransportError as error:
+        if not _queue_missing(error.__cause__):
+            raise
+        where = settings.aws_endpoint_url or f'AWS {settings.aws_region}'
+        raise QueueMissing(
+            f'{error} (queue {settings.queue_url or settings.queue_name} at {where}; '
+            '`dagster-taskiq bootstrap` creates it)'
+        ) from error
 
 
 @asynccontextmanager
 async def open_queue(settings: Settings) -> AsyncIterator[SqsQueue]:
     """The configured, existing queue ready to use (`dagster-taskiq bootstrap` creates it)."""
-    breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
+    breaker = CircuitBreaker.from_settings(settings)
     async with sqs_client(settings) as client:
         urls = await resolve_urls(client, settings, breaker)
         yield SqsQueue(client, urls, settings, breaker)
+
+
+async def bootstrap_queues(settings: Settings) -> QueueUrls:
+    """`bootstrap` on a client of its own (what `dagster-taskiq bootstrap` runs)."""
+    async with sqs_client(settings) as client:
+        return await bootstrap(client, settings, CircuitBreaker.from_settings(settings))

@@ -8,13 +8,14 @@ the same transaction that marks the attempt COMPLETED (the transactional outbox)
 """
 
 import contextlib
+import importlib
 import json
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -132,6 +133,20 @@ def _die_with_worker(lifeline: Connection) -> None:
     with contextlib.suppress(EOFError):
         lifeline.recv()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_failed_imports(modules: Sequence[str], result: Connection) -> None:
+    """Send which of `modules` this process could not import, and why (the forkserver's preload
+    skips a module that fails to import without a word)."""
+    failed = []
+    for name in modules:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception as error:  # noqa: BLE001 - reported to the worker, which stops
+                failed.append(f'{name}: {error!r}')
+    result.send(failed)
+    result.close()
 
 
 def run_step(execute_step_args: str, result: Connection, lifeline: Connection) -> None:

@@ -4,6 +4,9 @@
 later write (heartbeat, finish) carries that token and is refused once it is stale. A lease that
 expires is never taken over: `abandon` marks the attempt ABANDONED (fenced on the expired token) and
 Dagster retries the step under a new key. The SQL lives in sql/queries.sql.
+
+`Store` owns its engine and a circuit breaker that counts every call (the journal's included): an
+unreachable database shows as StoreUnavailable, and the breaker tells the worker to stop receiving.
 """
 
 import json
@@ -17,12 +20,17 @@ from typing import Any
 import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, RowMapping, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from dagster_taskiq.defaults import DEFAULT_BREAKER_COOLDOWN_S, DEFAULT_BREAKER_THRESHOLD
 from dagster_taskiq.errors import ConfigError, StoreUnavailable
-from dagster_taskiq.sql import MIGRATIONS_DIR, load_queries
+from dagster_taskiq.resilience import CircuitBreaker
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sql import MIGRATIONS_DIR, VERSION_TABLE, load_queries
 
 QUERIES = {name: text(sql) for name, sql in load_queries().items()}
 _POSTGRES_DRIVERS = {'postgres', 'postgresql', 'postgresql+psycopg', 'postgresql+psycopg2'}
@@ -78,182 +86,210 @@ def sync_engine(database_url: str) -> Engine:
     return create_engine(store_url(database_url), pool_pre_ping=True)
 
 
-def upgrade(database_url: str) -> None:
-    """Apply every pending migration (what `dagster-taskiq db upgrade` runs)."""
+def upgrade(database_url: str) -> list[str]:
+    """Apply every pending migration (what `dagster-taskiq db upgrade` runs).
+
+    Returns the migrations applied, oldest first, as 'revision: title'; empty when up to date.
+    """
     config = Config()
     config.set_main_option('script_location', str(MIGRATIONS_DIR))
     engine = sync_engine(database_url)
     try:
         with engine.begin() as connection:
+            migration = MigrationContext.configure(
+                connection, opts={'version_table': VERSION_TABLE}
+            )
+            before = migration.get_current_revision()
             config.attributes['connection'] = connection
             command.upgrade(config, 'head')
-    finally:
-        engine.dispose()
-
-
-@asynccontextmanager
-async def _transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    try:
-        async with engine.begin() as connection:
-            yield connection
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
         raise StoreUnavailable(f'database unreachable: {error.orig or error}') from error
+    finally:
+        engine.dispose()
+    applied = ScriptDirectory.from_config(config).iterate_revisions('heads', before)
+    return [f'{r.revision}: {(r.doc or "").splitlines()[0]}' for r in reversed(list(applied))]
 
 
-async def _first(engine: AsyncEngine, query: str, **params: Any) -> RowMapping | None:
-    async with _transaction(engine) as connection:
-        result = await connection.execute(QUERIES[query], params)
-        return result.mappings().first()
+class Store:
+    """The idempotency store on one async engine; every call is counted by `breaker`."""
 
+    def __init__(self, engine: AsyncEngine, breaker: CircuitBreaker) -> None:
+        self.engine = engine
+        self.breaker = breaker
 
-async def _all(engine: AsyncEngine, query: str, **params: Any) -> Sequence[RowMapping]:
-    async with _transaction(engine) as connection:
-        result = await connection.execute(QUERIES[query], params)
-        return result.mappings().all()
+    @classmethod
+    def connect(cls, database_url: str, breaker: CircuitBreaker | None = None) -> 'Store':
+        """A store on a new engine for `database_url` (a default breaker unless one is given)."""
+        breaker = breaker or CircuitBreaker(DEFAULT_BREAKER_THRESHOLD, DEFAULT_BREAKER_COOLDOWN_S)
+        return cls(async_engine(database_url), breaker)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> 'Store':
+        return cls.connect(settings.database_url, CircuitBreaker.from_settings(settings))
 
-async def record_enqueued(
-    engine: AsyncEngine, key: str, *, run_id: str, job_name: str, step_key: str, attempt: int
-) -> bool:
-    """Insert the QUEUED row; False when the key was already recorded (nothing changes then)."""
-    row = await _first(
-        engine,
-        'record_enqueued',
-        key=key,
-        run_id=run_id,
-        job_name=job_name,
-        step_key=step_key,
-        attempt=attempt,
-    )
-    return row is not None
+    async def close(self) -> None:
+        await self.engine.dispose()
 
+    async def check_schema(self) -> None:
+        """ConfigError unless every migration is applied (StoreUnavailable: no database)."""
+        upgrade_hint = 'run `dagster-taskiq db upgrade`'
+        try:
+            row = await self._first('schema_version')
+        except sqlalchemy.exc.ProgrammingError as error:
+            raise ConfigError(
+                f'the idempotency store has no tables here: {upgrade_hint}'
+            ) from error
+        head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+        current = row and row['version_num']
+        if current != head:
+            raise ConfigError(f'the store is at migration {current}, not {head}: {upgrade_hint}')
 
-async def claim(
-    engine: AsyncEngine, key: str, *, worker_id: str, lease_s: float
-) -> Claimed | Refused:
-    """Win the key for `worker_id` if it is QUEUED; otherwise count the delivery and say why not."""
-    row = await _first(engine, 'claim', key=key, worker_id=worker_id, lease_s=lease_s)
-    if row is not None:
-        return Claimed(token=row['lease_token'], lease_expires_at=row['lease_expires_at'])
-    row = await _first(engine, 'refuse', key=key)
-    if row is None:
-        return Refused(state=None)
-    return Refused(
-        state=StepState(row['state']),
-        owner=row['owner'],
-        token=row['lease_token'],
-        lease_expired=bool(row['lease_expired']),
-    )
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as connection:
+                yield connection
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
+            self.breaker.record_failure()
+            raise StoreUnavailable(f'database unreachable: {error.orig or error}') from error
+        self.breaker.record_success()
 
+    async def _first(self, query: str, **params: Any) -> RowMapping | None:
+        async with self._transaction() as connection:
+            result = await connection.execute(QUERIES[query], params)
+            return result.mappings().first()
 
-async def heartbeat(engine: AsyncEngine, key: str, *, token: int, lease_s: float) -> LeaseStatus:
-    """Extend the lease of the holder of `token`; CANCELLED or LOST when it may not go on."""
-    if await _first(engine, 'heartbeat', key=key, token=token, lease_s=lease_s) is not None:
-        return LeaseStatus.RENEWED
-    row = await get_execution(engine, key)
-    if row is not None and row['lease_token'] == token and row['state'] == StepState.CANCELLED:
-        return LeaseStatus.CANCELLED
-    return LeaseStatus.LOST
+    async def _all(self, query: str, **params: Any) -> Sequence[RowMapping]:
+        async with self._transaction() as connection:
+            result = await connection.execute(QUERIES[query], params)
+            return result.mappings().all()
 
+    async def _execute(self, query: str, **params: Any) -> None:
+        async with self._transaction() as connection:
+            await connection.execute(QUERIES[query], params)
 
-async def finish(
-    engine: AsyncEngine,
-    key: str,
-    *,
-    token: int,
-    outcome: StepState,
-    error: str | None = None,
-    effects: Sequence[Mapping[str, Any]] = (),
-) -> bool:
-    """Record COMPLETED or FAILED for the holder of `token`; False when the token is stale.
+    # ----- step attempts -----
 
-    `effects` (name, payload) are written in the same transaction, and only if this call wins.
-    """
-    if outcome not in (StepState.COMPLETED, StepState.FAILED):
-        raise ValueError(f'an attempt finishes COMPLETED or FAILED, not {outcome}')
-    async with _transaction(engine) as connection:
-        params = {'key': key, 'token': token, 'outcome': str(outcome), 'error': error}
-        finished = (await connection.execute(QUERIES['finish'], params)).first() is not None
-        if finished and effects:
-            await connection.execute(
-                QUERIES['insert_effect'],
-                [
-                    {'key': key, 'name': effect['name'], 'payload': json.dumps(effect['payload'])}
-                    for effect in effects
-                ],
-            )
-        return finished
+    async def record_enqueued(
+        self, key: str, *, run_id: str, job_name: str, step_key: str, attempt: int
+    ) -> bool:
+        """Insert the QUEUED row; False when the key was already recorded (nothing changes then)."""
+        row = await self._first(
+            'record_enqueued',
+            key=key,
+            run_id=run_id,
+            job_name=job_name,
+            step_key=step_key,
+            attempt=attempt,
+        )
+        return row is not None
 
-
-async def abandon(engine: AsyncEngine, key: str, *, token: int) -> str | None:
-    """Mark a RUNNING attempt whose lease (held with `token`) has expired ABANDONED.
-
-    Returns the recorded reason (naming the lost worker) when this call did it, else None: the
-    lease is live, the token is stale, or someone else abandoned it first.
-    """
-    row = await _first(engine, 'abandon', key=key, token=token)
-    return None if row is None else str(row['error'])
-
-
-async def expire_lease(engine: AsyncEngine, key: str, *, token: int) -> bool:
-    """End the lease of the holder of `token` now, so the attempt can be abandoned and retried."""
-    return await _first(engine, 'expire_lease', key=key, token=token) is not None
-
-
-async def cancel(
-    engine: AsyncEngine, key: str, *, reason: str = 'cancelled', only_queued: bool = False
-) -> bool:
-    """Mark a QUEUED (or RUNNING) attempt CANCELLED; an owner sees it at its next heartbeat."""
-    states = ['QUEUED'] if only_queued else ['QUEUED', 'RUNNING']
-    return await _first(engine, 'cancel', key=key, reason=reason, states=states) is not None
-
-
-async def get_execution(engine: AsyncEngine, key: str) -> RowMapping | None:
-    """The attempt's row, with computed `lease_expired` and `age_s`, or None for an unknown key."""
-    return await _first(engine, 'get_execution', key=key)
-
-
-async def list_executions(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:
-    return await _all(engine, 'list_executions', run_id=run_id)
-
-
-async def list_effects(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:
-    return await _all(engine, 'list_effects', run_id=run_id)
-
-
-async def worker_seen(
-    engine: AsyncEngine, worker_id: str, *, concurrency: int, running: int
-) -> None:
-    """Register or refresh a live worker (it calls this every heartbeat interval)."""
-    async with _transaction(engine) as connection:
-        await connection.execute(
-            QUERIES['worker_seen'],
-            {'worker_id': worker_id, 'concurrency': concurrency, 'running': running},
+    async def claim(self, key: str, *, worker_id: str, lease_s: float) -> Claimed | Refused:
+        """Win the key for `worker_id` if it is QUEUED; else count the delivery and say why not."""
+        row = await self._first('claim', key=key, worker_id=worker_id, lease_s=lease_s)
+        if row is not None:
+            return Claimed(token=row['lease_token'], lease_expires_at=row['lease_expires_at'])
+        row = await self._first('refuse', key=key)
+        if row is None:
+            return Refused(state=None)
+        return Refused(
+            state=StepState(row['state']),
+            owner=row['owner'],
+            token=row['lease_token'],
+            lease_expired=bool(row['lease_expired']),
         )
 
+    async def heartbeat(self, key: str, *, token: int, lease_s: float) -> LeaseStatus:
+        """Extend the lease of the holder of `token`; CANCELLED or LOST when it may not go on."""
+        if await self._first('heartbeat', key=key, token=token, lease_s=lease_s) is not None:
+            return LeaseStatus.RENEWED
+        row = await self.get_execution(key)
+        if row is not None and row['lease_token'] == token and row['state'] == StepState.CANCELLED:
+            return LeaseStatus.CANCELLED
+        return LeaseStatus.LOST
 
-async def worker_stopped(engine: AsyncEngine, worker_id: str) -> None:
-    async with _transaction(engine) as connection:
-        await connection.execute(QUERIES['worker_stopped'], {'worker_id': worker_id})
+    async def finish(
+        self,
+        key: str,
+        *,
+        token: int,
+        outcome: StepState,
+        error: str | None = None,
+        effects: Sequence[Mapping[str, Any]] = (),
+    ) -> bool:
+        """Record COMPLETED or FAILED for the holder of `token`; False when the token is stale.
 
+        `effects` (name, payload) are written in the same transaction, and only if this call wins.
+        """
+        if outcome not in (StepState.COMPLETED, StepState.FAILED):
+            raise ValueError(f'an attempt finishes COMPLETED or FAILED, not {outcome}')
+        async with self._transaction() as connection:
+            params = {'key': key, 'token': token, 'outcome': str(outcome), 'error': error}
+            finished = (await connection.execute(QUERIES['finish'], params)).first() is not None
+            if finished and effects:
+                await connection.execute(
+                    QUERIES['insert_effect'],
+                    [
+                        {'key': key, 'name': e['name'], 'payload': json.dumps(e['payload'])}
+                        for e in effects
+                    ],
+                )
+            return finished
 
-async def live_workers(engine: AsyncEngine, within_s: float) -> RowMapping:
-    """Workers seen within `within_s`: their count, slots and running steps."""
-    row = await _first(engine, 'live_workers', within_s=within_s)
-    assert row is not None  # an aggregate always returns a row
-    return row
+    async def abandon(self, key: str, *, token: int) -> str | None:
+        """Mark a RUNNING attempt whose lease (held with `token`) has expired ABANDONED.
 
+        Returns the recorded reason (naming the lost worker) when this call did it, else None: the
+        lease is live, the token is stale, or someone else abandoned it first.
+        """
+        row = await self._first('abandon', key=key, token=token)
+        return None if row is None else str(row['error'])
 
-async def record_scaling_event(engine: AsyncEngine, **event: object) -> None:
-    """One auto-scaler decision: cluster, service, the inputs, the desired count and why."""
-    async with _transaction(engine) as connection:
-        await connection.execute(QUERIES['record_scaling_event'], event)
+    async def expire_lease(self, key: str, *, token: int) -> bool:
+        """End the lease of the holder of `token` now, so the attempt is abandoned and retried."""
+        return await self._first('expire_lease', key=key, token=token) is not None
 
+    async def cancel(
+        self, key: str, *, reason: str = 'cancelled', only_queued: bool = False
+    ) -> bool:
+        """Mark a QUEUED (or RUNNING) attempt CANCELLED; an owner sees it at its next heartbeat."""
+        states = ['QUEUED'] if only_queued else ['QUEUED', 'RUNNING']
+        return await self._first('cancel', key=key, reason=reason, states=states) is not None
 
-async def list_scaling_events(engine: AsyncEngine, service: str) -> Sequence[RowMapping]:
-    return await _all(engine, 'list_scaling_events', service=service)
+    async def get_execution(self, key: str) -> RowMapping | None:
+        """The attempt's row, with computed `lease_expired` and `age_s`; None for an unknown key."""
+        return await self._first('get_execution', key=key)
 
+    async def list_executions(self, run_id: str) -> Sequence[RowMapping]:
+        return await self._all('list_executions', run_id=run_id)
 
-async def list_log(engine: AsyncEngine, run_id: str) -> Sequence[RowMapping]:
-    """`execution_log` rows of a run: one per start of an attempt, duplicates included."""
-    return await _all(engine, 'list_log', run_id=run_id)
+    async def list_effects(self, run_id: str) -> Sequence[RowMapping]:
+        return await self._all('list_effects', run_id=run_id)
+
+    async def list_log(self, run_id: str) -> Sequence[RowMapping]:
+        """`execution_log` rows of a run: one per start of an attempt, duplicates included."""
+        return await self._all('list_log', run_id=run_id)
+
+    # ----- workers and scaling -----
+
+    async def worker_seen(self, worker_id: str, *, concurrency: int, running: int) -> None:
+        """Register or refresh a live worker (it calls this every heartbeat interval)."""
+        await self._execute(
+            'worker_seen', worker_id=worker_id, concurrency=concurrency, running=running
+        )
+
+    async def worker_stopped(self, worker_id: str) -> None:
+        await self._execute('worker_stopped', worker_id=worker_id)
+
+    async def live_workers(self, within_s: float) -> RowMapping:
+        """Workers seen within `within_s`: their count, slots and running steps."""
+        row = await self._first('live_workers', within_s=within_s)
+        assert row is not None  # an aggregate always returns a row
+        return row
+
+    async def record_scaling_event(self, **event: object) -> None:
+        """One auto-scaler decision: cluster, service, the inputs, the desired count and why."""
+        await self._execute('record_scaling_event', **event)
+
+    async def list_scaling_events(self, service: str) -> Sequence[RowMapping]:
+        return await self._all('list_scaling_events', service=service)

@@ -8,25 +8,17 @@ local-stack issues make it the long-running stack of DESIGN.md (webserver, daemo
 import asyncio
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import boto3  # type: ignore[import-untyped]
 import click
-import psycopg
-from dagster import DagsterInstance, execute_job
-from dagster._core.definitions.reconstruct import ReconstructableRepository
-from psycopg import sql
-from sqlalchemy.engine import make_url
 
-from dagster_taskiq import store
-from dagster_taskiq.cli import bootstrap_queues
-from dagster_taskiq.logs import configure_logging
-from dagster_taskiq.settings import Settings
-from dagster_taskiq_demo import definitions
-from dagster_taskiq_demo.ecs_agent import DEFAULT_POLL_INTERVAL_S, LocalEcsAgent
-from dagster_taskiq_demo.emulator import DEFAULT_MOTO_PORT, EMULATOR_CREDENTIALS, start_moto
-from dagster_taskiq_demo.stack import spawn_worker, wait_started, write_dagster_home
+from dagster_taskiq.cli import load_settings, logging_options, reported_errors
+
+# Here, not with what they configure, so that `--help` imports nothing heavy
+DEFAULT_MOTO_PORT = 4566
+DEFAULT_AGENT_POLL_INTERVAL_S = 2.0
 
 DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/dagster_taskiq_demo'
 DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
@@ -41,13 +33,17 @@ DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
 
 
 @click.group()
+@click.version_option(version('dagster-taskiq'), prog_name='dagster-taskiq-demo')
 def main() -> None:
     """The dagster-taskiq demo application."""
-    configure_logging()
 
 
 def ensure_database(database_url: str) -> None:
     """Create the database of `database_url` unless it exists."""
+    import psycopg
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
     url = make_url(database_url)
     if not url.database:
         raise click.UsageError(f'DATABASE_URL names no database: {database_url}')
@@ -61,6 +57,12 @@ def ensure_database(database_url: str) -> None:
 
 
 def run_demo_jobs(database_url: str) -> bool:
+    from dagster import DagsterInstance, execute_job
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    from dagster_taskiq import store
+    from dagster_taskiq_demo import definitions
+
     repository = ReconstructableRepository.for_module(definitions.__name__, 'defs', os.getcwd())
     engine = store.sync_engine(database_url)
     all_as_expected = True
@@ -88,8 +90,22 @@ def run_demo_jobs(database_url: str) -> bool:
 @click.option(
     '--data-dir', default=Path('.demo'), type=click.Path(path_type=Path), show_default=True
 )
-def up(moto_port: int, workers: int, data_dir: Path) -> None:
+@logging_options
+def up(
+    moto_port: int,
+    workers: int,
+    data_dir: Path,
+    log_level: str,
+    log_format: Literal['json', 'console'] | None,
+) -> None:
     """Start the emulator, the store, the queues and workers; run every demo job through them."""
+    from dagster_taskiq import store
+    from dagster_taskiq.logs import configure_logging
+    from dagster_taskiq.sqs import bootstrap_queues
+    from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, start_moto
+    from dagster_taskiq_demo.stack import spawn_worker, wait_started, write_dagster_home
+
+    configure_logging(log_format, log_level)
     os.environ.update({k: os.environ.get(k, v) for k, v in EMULATOR_CREDENTIALS.items()})
     database_url = os.environ.get('DATABASE_URL', DEFAULT_DATABASE_URL)
     ensure_database(database_url)
@@ -105,7 +121,8 @@ def up(moto_port: int, workers: int, data_dir: Path) -> None:
     )
     started = []
     try:
-        urls = asyncio.run(bootstrap_queues(Settings()))
+        with reported_errors(log_level):
+            urls = asyncio.run(bootstrap_queues(load_settings()))
         click.echo(f'emulator {server.url}, queue {urls.queue_url}, database {database_url}')
         started = [spawn_worker(f'demo-worker-{n}', data_dir) for n in range(workers)]
         wait_started(started)
@@ -120,17 +137,41 @@ def up(moto_port: int, workers: int, data_dir: Path) -> None:
 
 
 @main.command('ecs-agent')
-@click.option('--poll-interval', default=DEFAULT_POLL_INTERVAL_S, show_default=True)
-@click.option('--worker-concurrency', default=2, show_default=True, help='Slots per worker.')
+@click.option(
+    '--poll-interval',
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_AGENT_POLL_INTERVAL_S,
+    show_default=True,
+)
+@click.option(
+    '--worker-concurrency',
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help='Slots per worker.',
+)
 @click.option(
     '--data-dir', default=Path('.demo'), type=click.Path(path_type=Path), show_default=True
 )
 @click.option('--preload', multiple=True, help='Module each worker preloads (repeatable).')
+@logging_options
 def ecs_agent(
-    poll_interval: float, worker_concurrency: int, data_dir: Path, preload: tuple[str, ...]
+    poll_interval: float,
+    worker_concurrency: int,
+    data_dir: Path,
+    preload: tuple[str, ...],
+    log_level: str,
+    log_format: Literal['json', 'console'] | None,
 ) -> None:
     """Reconcile the worker service's desiredCount into local worker processes (until SIGTERM)."""
-    settings = Settings()
+    import boto3  # type: ignore[import-untyped]
+
+    from dagster_taskiq.logs import configure_logging
+    from dagster_taskiq_demo.ecs_agent import LocalEcsAgent
+
+    configure_logging(log_format, log_level)
+    with reported_errors(log_level):
+        settings = load_settings()
     data_dir.mkdir(parents=True, exist_ok=True)
     ecs = boto3.client(
         'ecs', endpoint_url=settings.aws_endpoint_url, region_name=settings.aws_region

@@ -22,7 +22,6 @@ from dagster_taskiq_demo.stack import WorkerProcess, spawn_worker
 log = get_logger(__name__)
 
 TASK_FAMILY = 'taskiq-worker'
-DEFAULT_POLL_INTERVAL_S = 2.0
 
 
 def started_by(service: str) -> str:

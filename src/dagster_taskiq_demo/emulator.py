@@ -1,7 +1,6 @@
 """moto's AWS emulator as a child process on 127.0.0.1 (DESIGN.md: moto instead of LocalStack)."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-DEFAULT_MOTO_PORT = 4566
+from dagster_taskiq_demo.stack import stop_process
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 # The emulator accepts any credentials; boto still wants some.
@@ -46,13 +46,7 @@ class MotoServer:
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit (killed if it does not within the timeout)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, STOP_TIMEOUT_S)
 
 
 def start_moto(port: int | None = None) -> MotoServer:

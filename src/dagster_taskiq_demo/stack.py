@@ -21,6 +21,18 @@ WORKER_STOP_TIMEOUT_S = 60.0
 DEFINITIONS_MODULE = 'dagster_taskiq_demo.definitions'
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def _admin_dsn(database_url: str) -> str:
     return make_url(database_url).set(drivername='postgresql', query={}).render_as_string(False)
 
@@ -74,14 +86,7 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout_s`; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout_s)
 
 
 def spawn_worker(

@@ -1,9 +1,8 @@
 """End-to-end fixtures: a Dagster instance on PostgreSQL, a queue, and real worker subprocesses."""
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,8 @@ from dagster import DagsterInstance, execute_job
 from psycopg.rows import dict_row
 
 from dagster_taskiq import store
-from dagster_taskiq.cli import bootstrap_queues
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import QueueUrls
+from dagster_taskiq.sqs import QueueUrls, bootstrap_queues
 from dagster_taskiq_demo.emulator import MotoServer
 from dagster_taskiq_demo.stack import (
     WorkerProcess,
@@ -32,20 +30,6 @@ from tests.e2e.jobs import FAST_RUN_CONFIG, demo_job
 LEASE_S = 3.0  # heartbeats every second; a lost worker's lease expires within 3 s
 SIGNING_KEY = 'e2e-signing-key'
 STEP_START_TIMEOUT_S = 120.0
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout_s: float = 30.0, what: str = 'condition'
-) -> Any:
-    """Poll `condition` until it returns something truthy (returned), or fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f'{what} not met within {timeout_s} s')
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope='session')

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dagster_taskiq import journal, store
+from dagster_taskiq import journal
 from dagster_taskiq.errors import StoreUnavailable
-from dagster_taskiq.store import Claimed, StepState
+from dagster_taskiq.store import Claimed, StepState, Store
 
 UNREACHABLE_URL = 'postgresql://postgres@127.0.0.1:1/test'
 
@@ -16,35 +15,35 @@ def files(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
 
 
-async def claimed_attempt(engine: AsyncEngine, key: str) -> int:
+async def claimed_attempt(db: Store, key: str) -> int:
     run_id, step_key, attempt = key.split(':')
-    await store.record_enqueued(
-        engine, key, run_id=run_id, job_name='job', step_key=step_key, attempt=int(attempt)
+    await db.record_enqueued(
+        key, run_id=run_id, job_name='job', step_key=step_key, attempt=int(attempt)
     )
-    claim = await store.claim(engine, key, worker_id='w1', lease_s=30)
+    claim = await db.claim(key, worker_id='w1', lease_s=30)
     assert isinstance(claim, Claimed)
     return claim.token
 
 
 async def test_journaled_outcomes_are_reconciled_once_the_database_is_back(
-    engine: AsyncEngine, tmp_path: Path
+    db: Store, tmp_path: Path
 ) -> None:
     done = journal.Entry(
         key='run-1:a:0',
-        token=await claimed_attempt(engine, 'run-1:a:0'),
+        token=await claimed_attempt(db, 'run-1:a:0'),
         outcome=StepState.COMPLETED,
         effects=[{'name': 'row', 'payload': {'n': 1}}],
     )
     failed = journal.Entry(
         key='run-1:b:0',
-        token=await claimed_attempt(engine, 'run-1:b:0'),
+        token=await claimed_attempt(db, 'run-1:b:0'),
         outcome=StepState.FAILED,
         error='boom',
     )
     stale = journal.Entry(key='run-1:c:0', token=1, outcome=StepState.COMPLETED)
-    await claimed_attempt(engine, 'run-1:c:0')
+    await claimed_attempt(db, 'run-1:c:0')
 
-    down = store.async_engine(UNREACHABLE_URL)
+    down = Store.connect(UNREACHABLE_URL)
     try:
         for entry in (done, failed, stale):
             with pytest.raises(StoreUnavailable):
@@ -53,14 +52,14 @@ async def test_journaled_outcomes_are_reconciled_once_the_database_is_back(
         with pytest.raises(StoreUnavailable):
             await journal.reconcile(tmp_path, 'w2', down)
     finally:
-        await down.dispose()
+        await down.close()
     assert files(tmp_path) == ['journal-w2.jsonl']  # kept, not lost
 
-    assert await journal.reconcile(tmp_path, 'w3', engine) == 3
+    assert await journal.reconcile(tmp_path, 'w3', db) == 3
     assert files(tmp_path) == []
-    rows = {row['idempotency_key']: row for row in await store.list_executions(engine, 'run-1')}
+    rows = {row['idempotency_key']: row for row in await db.list_executions('run-1')}
     assert (rows['run-1:a:0']['state'], rows['run-1:b:0']['state']) == ('COMPLETED', 'FAILED')
     assert rows['run-1:b:0']['error'] == 'boom'
     assert rows['run-1:c:0']['state'] == 'RUNNING'  # a stale token changed nothing
-    effects = await store.list_effects(engine, 'run-1')
+    effects = await db.list_effects('run-1')
     assert [(e['step_key'], e['payload']) for e in effects] == [('a', {'n': 1})]

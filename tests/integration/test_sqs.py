@@ -2,29 +2,16 @@
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from dagster_taskiq.errors import CircuitOpen, TransportError
+from dagster_taskiq.resilience import BreakerState, CircuitBreaker, guarded_call
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import (
-    BreakerState,
-    CircuitBreaker,
-    QueueDepth,
-    bootstrap,
-    guarded_call,
-    open_queue,
-    sqs_client,
-)
+from dagster_taskiq.sqs import QueueDepth, bootstrap, bootstrap_queues, open_queue, sqs_client
 from dagster_taskiq_demo.emulator import MotoServer, start_moto
 from tests.waiting import eventually
-
-
-async def bootstrapped(settings: Settings) -> None:
-    async with sqs_client(settings) as client:
-        await bootstrap(client, settings, CircuitBreaker(5, 30))
 
 
 async def test_bootstrap_is_idempotent_and_wires_the_dlq(settings: Settings) -> None:
@@ -47,7 +34,7 @@ async def test_bootstrap_is_idempotent_and_wires_the_dlq(settings: Settings) -> 
 
 
 async def test_open_queue_finds_the_dlq_by_name_or_by_url(settings: Settings) -> None:
-    await bootstrapped(settings)
+    await bootstrap_queues(settings)
     async with open_queue(settings) as by_name:
         urls = by_name.urls
     async with open_queue(settings.model_copy(update={'queue_url': urls.queue_url})) as by_url:
@@ -61,7 +48,7 @@ async def test_open_queue_without_the_queue_says_so(settings: Settings) -> None:
 
 
 async def test_send_receive_visibility_delete_and_depth(settings: Settings) -> None:
-    await bootstrapped(settings)
+    await bootstrap_queues(settings)
     async with open_queue(settings) as queue:
         message_id = await queue.send(
             '{"hello": 1}', {'run_id': 'r1', 'step_key': 's[0]', 'attempt': 0}
@@ -83,17 +70,17 @@ async def test_send_receive_visibility_delete_and_depth(settings: Settings) -> N
 
 
 async def test_receive_takes_at_most_n(settings: Settings) -> None:
-    await bootstrapped(settings)
+    await bootstrap_queues(settings)
     async with open_queue(settings) as queue:
         for index in range(5):
             await queue.send(str(index), {})
-        assert len(await queue.receive(2, wait_s=1)) <= 2
+        assert 1 <= len(await queue.receive(2, wait_s=1)) <= 2
         with pytest.raises(ValueError, match='max_messages'):
             await queue.receive(11)
 
 
 async def test_send_to_dlq_keeps_the_body_and_the_reason(settings: Settings) -> None:
-    await bootstrapped(settings)
+    await bootstrap_queues(settings)
     async with open_queue(settings) as queue:
         await queue.send_to_dlq('not json', 'bad JSON: Expecting value', {'message_id': 'm-1'})
         [dead] = await queue.peek_dlq(wait_s=1)
@@ -123,7 +110,7 @@ async def test_retries_ride_out_a_restart_of_the_endpoint(own_moto: MotoServer) 
         retry_attempts=20,
         breaker_threshold=20,
     )
-    await bootstrapped(settings)
+    await bootstrap_queues(settings)
     async with open_queue(settings) as queue:
         own_moto.stop()
         # A call that needs no state: the restarted emulator starts empty.
@@ -146,20 +133,19 @@ async def test_retries_ride_out_a_restart_of_the_endpoint(own_moto: MotoServer) 
 @pytest.mark.slow
 async def test_breaker_opens_fails_fast_and_closes_after_a_probe(own_moto: MotoServer) -> None:
     settings = fragile_settings(own_moto, 'breaker')
-    await bootstrapped(settings)
+    await bootstrap_queues(settings)
     async with open_queue(settings) as queue:
         own_moto.stop()
         with pytest.raises(TransportError, match='depth failed'):
             await queue.depth()
         assert queue.breaker.failures == 5
         assert queue.breaker.state is BreakerState.OPEN
-        started = time.monotonic()
         with pytest.raises(CircuitOpen):
             await queue.send('x', {})
-        assert time.monotonic() - started < 0.1  # failed fast: no network, no backoff
+        assert queue.breaker.failures == 5  # failed fast: refused before any try, none retried
         restarted = start_moto(own_moto.port)
         try:
-            await bootstrapped(settings)
+            await bootstrap_queues(settings)
 
             async def probe_allowed() -> bool:
                 return queue.breaker.state is BreakerState.HALF_OPEN

@@ -4,11 +4,12 @@ import asyncio
 
 import psycopg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from dagster_taskiq import store
 from dagster_taskiq.errors import ConfigError, StoreUnavailable
-from dagster_taskiq.store import Claimed, LeaseStatus, Refused, StepState
+from dagster_taskiq.resilience import CircuitBreaker
+from dagster_taskiq.store import Claimed, LeaseStatus, Refused, StepState, Store
 from tests.waiting import eventually
 
 KEY = 'run-1:compute[a.b]:0'
@@ -16,202 +17,201 @@ LONG_LEASE_S = 30.0
 SHORT_LEASE_S = 0.3
 
 
-async def enqueue(engine: AsyncEngine, key: str = KEY) -> None:
+async def enqueue(db: Store, key: str = KEY) -> None:
     run_id, step_key, attempt = key.rsplit(':', 2)
-    assert await store.record_enqueued(
-        engine, key, run_id=run_id, job_name='job', step_key=step_key, attempt=int(attempt)
+    assert await db.record_enqueued(
+        key, run_id=run_id, job_name='job', step_key=step_key, attempt=int(attempt)
     )
 
 
-async def claimed(engine: AsyncEngine, lease_s: float = LONG_LEASE_S, worker: str = 'w1') -> int:
-    result = await store.claim(engine, KEY, worker_id=worker, lease_s=lease_s)
+async def claimed(db: Store, lease_s: float = LONG_LEASE_S, worker: str = 'w1') -> int:
+    result = await db.claim(KEY, worker_id=worker, lease_s=lease_s)
     assert isinstance(result, Claimed), result
     return result.token
 
 
-async def expired_claim(engine: AsyncEngine) -> int:
-    token = await claimed(engine, lease_s=SHORT_LEASE_S)
+async def expired_claim(db: Store) -> int:
+    token = await claimed(db, lease_s=SHORT_LEASE_S)
 
     async def lease_expired() -> bool:
-        row = await store.get_execution(engine, KEY)
+        row = await db.get_execution(KEY)
         return row is not None and bool(row['lease_expired'])
 
     await eventually(lease_expired, what='lease expiry')
     return token
 
 
-async def log_rows(engine: AsyncEngine) -> list[dict[str, object]]:
-    return [dict(row) for row in await store.list_log(engine, 'run-1')]
+async def log_rows(db: Store) -> list[dict[str, object]]:
+    return [dict(row) for row in await db.list_log('run-1')]
 
 
-async def test_record_enqueued_is_idempotent(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    again = await store.record_enqueued(
-        engine, KEY, run_id='run-1', job_name='job', step_key='compute[a.b]', attempt=0
+async def test_record_enqueued_is_idempotent(db: Store) -> None:
+    await enqueue(db)
+    again = await db.record_enqueued(
+        KEY, run_id='run-1', job_name='job', step_key='compute[a.b]', attempt=0
     )
     assert again is False
-    row = await store.get_execution(engine, KEY)
+    row = await db.get_execution(KEY)
     assert row is not None
     assert (row['state'], row['step_key'], row['attempt']) == ('QUEUED', 'compute[a.b]', 0)
 
 
 @pytest.mark.timeout(60)
-async def test_fifty_concurrent_claimers_one_winner(database_url: str, engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    wide = create_async_engine(store.store_url(database_url), pool_size=50, max_overflow=0)
+async def test_fifty_concurrent_claimers_one_winner(database_url: str, db: Store) -> None:
+    await enqueue(db)
+    wide_engine = create_async_engine(store.store_url(database_url), pool_size=50, max_overflow=0)
+    wide = Store(wide_engine, CircuitBreaker(5, 30))
     try:
         results = await asyncio.gather(
-            *(store.claim(wide, KEY, worker_id=f'w{i}', lease_s=LONG_LEASE_S) for i in range(50))
+            *(wide.claim(KEY, worker_id=f'w{i}', lease_s=LONG_LEASE_S) for i in range(50))
         )
     finally:
-        await wide.dispose()
+        await wide.close()
     winners = [result for result in results if isinstance(result, Claimed)]
     assert len(winners) == 1
     assert all(r.state is StepState.RUNNING for r in results if isinstance(r, Refused))
-    row = await store.get_execution(engine, KEY)
+    row = await db.get_execution(KEY)
     assert row is not None
     assert (row['delivery_count'], row['refused_count'], row['lease_token']) == (
         50,
         49,
         winners[0].token,
     )
-    assert len(await log_rows(engine)) == 1
+    assert len(await log_rows(db)) == 1
 
 
-async def test_tokens_rise_with_every_claim(engine: AsyncEngine) -> None:
+async def test_tokens_rise_with_every_claim(db: Store) -> None:
     tokens = []
     for attempt in range(3):
         key = f'run-1:step:{attempt}'
-        await enqueue(engine, key)
-        result = await store.claim(engine, key, worker_id='w1', lease_s=LONG_LEASE_S)
+        await enqueue(db, key)
+        result = await db.claim(key, worker_id='w1', lease_s=LONG_LEASE_S)
         assert isinstance(result, Claimed)
         tokens.append(result.token)
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
 
 
-async def test_heartbeat_extends_the_lease(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    token = await claimed(engine, lease_s=1.0)
-    before = await store.get_execution(engine, KEY)
-    assert await store.heartbeat(engine, KEY, token=token, lease_s=60.0) is LeaseStatus.RENEWED
-    after = await store.get_execution(engine, KEY)
+async def test_heartbeat_extends_the_lease(db: Store) -> None:
+    await enqueue(db)
+    token = await claimed(db, lease_s=1.0)
+    before = await db.get_execution(KEY)
+    assert await db.heartbeat(KEY, token=token, lease_s=60.0) is LeaseStatus.RENEWED
+    after = await db.get_execution(KEY)
     assert before is not None and after is not None
     assert after['lease_expires_at'] > before['lease_expires_at']
 
 
-async def test_finish_is_fenced_and_happens_once(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    token = await claimed(engine)
-    assert not await store.finish(engine, KEY, token=token + 1000, outcome=StepState.COMPLETED)
-    assert await store.finish(engine, KEY, token=token, outcome=StepState.COMPLETED)
-    assert not await store.finish(engine, KEY, token=token, outcome=StepState.FAILED, error='x')
-    row = await store.get_execution(engine, KEY)
+async def test_finish_is_fenced_and_happens_once(db: Store) -> None:
+    await enqueue(db)
+    token = await claimed(db)
+    assert not await db.finish(KEY, token=token + 1000, outcome=StepState.COMPLETED)
+    assert await db.finish(KEY, token=token, outcome=StepState.COMPLETED)
+    assert not await db.finish(KEY, token=token, outcome=StepState.FAILED, error='x')
+    row = await db.get_execution(KEY)
     assert row is not None and row['state'] == 'COMPLETED'
-    assert [(r['outcome'], r['lease_token']) for r in await log_rows(engine)] == [
-        ('COMPLETED', token)
-    ]
+    assert [(r['outcome'], r['lease_token']) for r in await log_rows(db)] == [('COMPLETED', token)]
     with pytest.raises(ValueError, match='COMPLETED or FAILED'):
-        await store.finish(engine, KEY, token=token, outcome=StepState.ABANDONED)
+        await db.finish(KEY, token=token, outcome=StepState.ABANDONED)
 
 
-async def test_failed_outcome_keeps_its_error(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    token = await claimed(engine)
-    assert await store.finish(engine, KEY, token=token, outcome=StepState.FAILED, error='boom')
-    row = await store.get_execution(engine, KEY)
+async def test_failed_outcome_keeps_its_error(db: Store) -> None:
+    await enqueue(db)
+    token = await claimed(db)
+    assert await db.finish(KEY, token=token, outcome=StepState.FAILED, error='boom')
+    row = await db.get_execution(KEY)
     assert row is not None and (row['state'], row['error']) == ('FAILED', 'boom')
 
 
 async def test_expired_lease_is_abandoned_exactly_once_and_old_owner_is_fenced(
-    engine: AsyncEngine,
+    db: Store,
 ) -> None:
-    await enqueue(engine)
-    token = await expired_claim(engine)
-    reasons = await asyncio.gather(*(store.abandon(engine, KEY, token=token) for _ in range(20)))
+    await enqueue(db)
+    token = await expired_claim(db)
+    reasons = await asyncio.gather(*(db.abandon(KEY, token=token) for _ in range(20)))
     done = [reason for reason in reasons if reason is not None]
     assert len(done) == 1
     assert 'worker w1' in done[0] and 'expired' in done[0]
-    assert await store.heartbeat(engine, KEY, token=token, lease_s=60) is LeaseStatus.LOST
-    assert not await store.finish(engine, KEY, token=token, outcome=StepState.COMPLETED)
-    row = await store.get_execution(engine, KEY)
+    assert await db.heartbeat(KEY, token=token, lease_s=60) is LeaseStatus.LOST
+    assert not await db.finish(KEY, token=token, outcome=StepState.COMPLETED)
+    row = await db.get_execution(KEY)
     assert row is not None and row['state'] == 'ABANDONED'
-    assert [r['outcome'] for r in await log_rows(engine)] == ['ABANDONED']
+    assert [r['outcome'] for r in await log_rows(db)] == ['ABANDONED']
 
 
-async def test_live_lease_cannot_be_abandoned(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    token = await claimed(engine)
-    assert await store.abandon(engine, KEY, token=token) is None
-    row = await store.get_execution(engine, KEY)
+async def test_live_lease_cannot_be_abandoned(db: Store) -> None:
+    await enqueue(db)
+    token = await claimed(db)
+    assert await db.abandon(KEY, token=token) is None
+    row = await db.get_execution(KEY)
     assert row is not None and row['state'] == 'RUNNING'
 
 
-async def test_abandon_needs_the_current_token(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    token = await expired_claim(engine)
-    assert await store.abandon(engine, KEY, token=token - 1) is None
-    assert await store.abandon(engine, KEY, token=token) is not None
+async def test_abandon_needs_the_current_token(db: Store) -> None:
+    await enqueue(db)
+    token = await expired_claim(db)
+    assert await db.abandon(KEY, token=token - 1) is None
+    assert await db.abandon(KEY, token=token) is not None
 
 
-async def test_an_expired_lease_is_never_taken_over(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    await expired_claim(engine)
-    result = await store.claim(engine, KEY, worker_id='w2', lease_s=LONG_LEASE_S)
+async def test_an_expired_lease_is_never_taken_over(db: Store) -> None:
+    await enqueue(db)
+    await expired_claim(db)
+    result = await db.claim(KEY, worker_id='w2', lease_s=LONG_LEASE_S)
     assert result == Refused(
         state=StepState.RUNNING, owner='w1', token=result.token, lease_expired=True
     )
-    assert len(await log_rows(engine)) == 1
+    assert len(await log_rows(db)) == 1
 
 
 @pytest.mark.parametrize('state', ['RUNNING', 'COMPLETED', 'ABANDONED', 'CANCELLED'])
 async def test_delivery_of_a_key_that_is_not_queued_is_refused_and_counted(
-    engine: AsyncEngine, state: str
+    db: Store, state: str
 ) -> None:
-    await enqueue(engine)
+    await enqueue(db)
     if state == 'CANCELLED':
-        assert await store.cancel(engine, KEY)
+        assert await db.cancel(KEY)
     elif state == 'ABANDONED':
-        assert await store.abandon(engine, KEY, token=await expired_claim(engine)) is not None
+        assert await db.abandon(KEY, token=await expired_claim(db)) is not None
     else:
-        token = await claimed(engine)
+        token = await claimed(db)
         if state == 'COMPLETED':
-            assert await store.finish(engine, KEY, token=token, outcome=StepState.COMPLETED)
-    logged = len(await log_rows(engine))
+            assert await db.finish(KEY, token=token, outcome=StepState.COMPLETED)
+    logged = len(await log_rows(db))
     for delivery in range(3):
-        result = await store.claim(engine, KEY, worker_id='w2', lease_s=LONG_LEASE_S)
+        result = await db.claim(KEY, worker_id='w2', lease_s=LONG_LEASE_S)
         assert isinstance(result, Refused) and result.state == state
-        row = await store.get_execution(engine, KEY)
+        row = await db.get_execution(KEY)
         assert row is not None and row['refused_count'] == delivery + 1
-    assert len(await log_rows(engine)) == logged
+    assert len(await log_rows(db)) == logged
 
 
-async def test_unknown_key_is_refused_without_a_state(engine: AsyncEngine) -> None:
-    assert await store.claim(engine, 'nope:x:0', worker_id='w1', lease_s=1) == Refused(state=None)
+async def test_unknown_key_is_refused_without_a_state(db: Store) -> None:
+    assert await db.claim('nope:x:0', worker_id='w1', lease_s=1) == Refused(state=None)
 
 
-async def test_cancel_reaches_the_owner_at_its_heartbeat(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    token = await claimed(engine)
-    assert await store.cancel(engine, KEY)
-    assert await store.heartbeat(engine, KEY, token=token, lease_s=60) is LeaseStatus.CANCELLED
-    assert await store.heartbeat(engine, KEY, token=token + 1, lease_s=60) is LeaseStatus.LOST
-    assert not await store.finish(engine, KEY, token=token, outcome=StepState.COMPLETED)
-    assert not await store.cancel(engine, KEY)
-    assert [r['outcome'] for r in await log_rows(engine)] == ['CANCELLED']
+async def test_cancel_reaches_the_owner_at_its_heartbeat(db: Store) -> None:
+    await enqueue(db)
+    token = await claimed(db)
+    assert await db.cancel(KEY)
+    assert await db.heartbeat(KEY, token=token, lease_s=60) is LeaseStatus.CANCELLED
+    assert await db.heartbeat(KEY, token=token + 1, lease_s=60) is LeaseStatus.LOST
+    assert not await db.finish(KEY, token=token, outcome=StepState.COMPLETED)
+    assert not await db.cancel(KEY)
+    assert [r['outcome'] for r in await log_rows(db)] == ['CANCELLED']
 
 
-async def test_cancelled_queued_attempt_never_starts(engine: AsyncEngine) -> None:
-    await enqueue(engine)
-    assert await store.cancel(engine, KEY)
-    result = await store.claim(engine, KEY, worker_id='w1', lease_s=LONG_LEASE_S)
+async def test_cancelled_queued_attempt_never_starts(db: Store) -> None:
+    await enqueue(db)
+    assert await db.cancel(KEY)
+    result = await db.claim(KEY, worker_id='w1', lease_s=LONG_LEASE_S)
     assert isinstance(result, Refused) and result.state is StepState.CANCELLED
-    assert await log_rows(engine) == []
+    assert await log_rows(db) == []
 
 
-async def test_list_executions_of_a_run(engine: AsyncEngine) -> None:
+async def test_list_executions_of_a_run(db: Store) -> None:
     for key in ('run-1:a:0', 'run-1:b:0', 'run-2:a:0'):
-        await enqueue(engine, key)
-    rows = await store.list_executions(engine, 'run-1')
+        await enqueue(db, key)
+    rows = await db.list_executions('run-1')
     assert sorted(row['idempotency_key'] for row in rows) == ['run-1:a:0', 'run-1:b:0']
 
 
@@ -246,9 +246,9 @@ def test_database_url_must_be_postgresql() -> None:
 
 
 async def test_unreachable_database_is_a_store_error() -> None:
-    engine = store.async_engine('postgresql://postgres@127.0.0.1:1/test')
+    unreachable = Store.connect('postgresql://postgres@127.0.0.1:1/test')
     try:
         with pytest.raises(StoreUnavailable, match='database unreachable'):
-            await store.get_execution(engine, KEY)
+            await unreachable.get_execution(KEY)
     finally:
-        await engine.dispose()
+        await unreachable.close()

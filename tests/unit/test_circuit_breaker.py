@@ -3,7 +3,7 @@
 import pytest
 
 from dagster_taskiq.errors import CircuitOpen
-from dagster_taskiq.sqs import BreakerState, CircuitBreaker
+from dagster_taskiq.resilience import BreakerState, CircuitBreaker
 
 
 class Clock:

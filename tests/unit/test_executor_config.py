@@ -27,8 +27,8 @@ def test_environment_variables_are_config_sources(monkeypatch: pytest.MonkeyPatc
         {
             'queue_name': {'env': 'MY_QUEUE'},
             'database_url': {'env': 'MY_DB'},
-            'endpoint_url': 'http://127.0.0.1:4566',
-            'region': 'eu-west-1',
+            'aws_endpoint_url': 'http://127.0.0.1:4566',
+            'aws_region': 'eu-west-1',
         }
     )
     settings = settings_from_config(config)

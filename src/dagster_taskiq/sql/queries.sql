@@ -138,3 +138,6 @@ VALUES
 
 -- name: list_scaling_events
 SELECT * FROM scaling_events WHERE service = :service ORDER BY at, id
+
+-- name: schema_version
+SELECT version_num FROM dagster_taskiq_alembic_version

@@ -1,0 +1,309 @@
+"""The worker's logic in-process: a real moto queue and real PostgreSQL, steps the test drives.
+
+The step runner here runs a coroutine the test gives it instead of forking a step process, so a
+test can hold a step until it says so, or end it as a dead process would. The e2e suite runs the
+same worker with real step processes.
+"""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from dagster import job, op, reconstructable
+from dagster._core.execution.plan.state import KnownExecutionState
+from dagster._core.execution.retries import RetryMode
+from dagster._grpc.types import ExecuteStepArgs
+
+from dagster_taskiq import message
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import SqsQueue, bootstrap_queues, open_queue
+from dagster_taskiq.step_process import StepOutcome
+from dagster_taskiq.store import StepState, Store
+from dagster_taskiq.worker import Worker, WorkerOptions
+from tests.waiting import eventually
+
+LEASE_S = 1.5  # heartbeats every 0.5 s
+DIED = StepOutcome(error='step process exited with code 3')
+
+StepBody = Callable[[message.OpExecutionTask], Awaitable[StepOutcome]]
+
+
+@op
+def noop() -> None:
+    pass
+
+
+@job
+def one_op_job() -> None:
+    noop()
+
+
+@dataclass
+class CallableStepRun:
+    """A step that is a coroutine: `interrupt` and `kill` cancel it, as signals end a process."""
+
+    task: message.OpExecutionTask
+    running: asyncio.Task[StepOutcome]
+    stopped_by: str | None = None
+    pid: int | None = None
+
+    async def outcome(self) -> StepOutcome:
+        try:
+            return await self.running
+        except asyncio.CancelledError:
+            return StepOutcome(error=f'step process ended by {self.stopped_by}')
+
+    def interrupt(self) -> None:
+        self._stop('SIGTERM')
+
+    def kill(self) -> None:
+        self._stop('SIGKILL')
+
+    def _stop(self, how: str) -> None:
+        if not self.running.done():
+            self.stopped_by = self.stopped_by or how
+            self.running.cancel()
+
+
+@dataclass
+class CallableStepRunner:
+    body: StepBody
+    runs: list[CallableStepRun] = field(default_factory=list)
+
+    async def start(self) -> None:
+        pass
+
+    def run(self, task: message.OpExecutionTask) -> CallableStepRun:
+        started = CallableStepRun(task, asyncio.create_task(self.body(task)))
+        self.runs.append(started)
+        return started
+
+
+async def succeeds(_: message.OpExecutionTask) -> StepOutcome:
+    return StepOutcome(succeeded=True, reported=True, effects=[{'name': 'row', 'payload': {}}])
+
+
+class Gate:
+    """A step body that waits until the test opens the gate, then succeeds."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def __call__(self, task: message.OpExecutionTask) -> StepOutcome:
+        self.entered.set()
+        await self.opened.wait()
+        return await succeeds(task)
+
+
+@dataclass
+class Harness:
+    db: Store
+    queue: SqsQueue
+    settings: Settings
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    async def enqueue(self, step_key: str = 'noop', attempt: int = 0) -> message.OpExecutionTask:
+        """Record a QUEUED attempt and send its message, as the executor's launch_step does."""
+        args = ExecuteStepArgs(
+            job_origin=reconstructable(one_op_job).get_python_origin(),
+            run_id=self.run_id,
+            step_keys_to_execute=[step_key],
+            retry_mode=RetryMode.ENABLED,
+            known_state=KnownExecutionState(previous_retry_attempts={step_key: attempt}),
+            should_verify_step=True,
+        )
+        task = message.build_task(args, job_name='one_op_job', enqueued_at=0.0)
+        await self.db.record_enqueued(
+            task.idempotency_key,
+            run_id=task.run_id,
+            job_name=task.job_name,
+            step_key=step_key,
+            attempt=attempt,
+        )
+        await self.queue.send(message.encode(task, None), {})
+        return task
+
+    async def state(self, task: message.OpExecutionTask) -> str | None:
+        row = await self.db.get_execution(task.idempotency_key)
+        return None if row is None else str(row['state'])
+
+    async def reaches(self, task: message.OpExecutionTask, state: StepState) -> None:
+        async def reached() -> bool:
+            return await self.state(task) == state
+
+        await eventually(reached, what=f'{task.idempotency_key} {state}')
+
+    async def queue_empty(self) -> bool:
+        depth = await self.queue.depth()
+        return depth.visible + depth.in_flight == 0
+
+
+@pytest.fixture
+async def harness(settings: Settings, db: Store) -> AsyncIterator[Harness]:
+    settings = settings.model_copy(update={'lease_s': LEASE_S, 'visibility_timeout_s': 5})
+    await bootstrap_queues(settings)
+    async with open_queue(settings) as queue:
+        yield Harness(db, queue, settings)
+
+
+@dataclass
+class Running:
+    worker: Worker
+    runner: CallableStepRunner
+    serving: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.worker.request_stop('test')
+        await asyncio.wait_for(self.serving, timeout=30)
+
+
+@pytest.fixture
+async def start_worker(
+    harness: Harness, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    started: list[Running] = []
+
+    async def start(body: StepBody = succeeds, drain_timeout_s: float = 30.0) -> Running:
+        runner = CallableStepRunner(body)
+        options = WorkerOptions(
+            concurrency=2,
+            poll_wait_s=1,
+            drain_timeout_s=drain_timeout_s,
+            worker_id=f'w-{len(started)}',
+            journal_dir=tmp_path / 'journal',
+        )
+        worker = Worker(harness.queue, harness.db, runner, harness.settings, options)
+        running = Running(worker, runner, asyncio.create_task(worker.run()))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if not running.serving.done():
+            await running.stop()
+
+
+async def test_a_message_is_claimed_run_and_finished_with_its_effects(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    task = await harness.enqueue()
+    running = await start_worker()
+    await harness.reaches(task, StepState.COMPLETED)
+    await eventually(harness.queue_empty, what='the message deleted')
+    effects = await harness.db.list_effects(task.run_id)
+    assert [(e['step_key'], e['name']) for e in effects] == [('noop', 'row')]
+    log = await harness.db.list_log(task.run_id)
+    assert [(r['worker_id'], r['outcome']) for r in log] == [('w-0', 'COMPLETED')]
+    assert [run.task.idempotency_key for run in running.runner.runs] == [task.idempotency_key]
+
+
+async def test_a_duplicate_delivery_is_refused_and_deleted(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    task = await harness.enqueue()
+    await harness.queue.send(message.encode(task, None), {})  # delivered twice
+    running = await start_worker()
+    await harness.reaches(task, StepState.COMPLETED)
+    await eventually(harness.queue_empty, what='both messages deleted')
+    row = await harness.db.get_execution(task.idempotency_key)
+    assert row is not None and (row['delivery_count'], row['refused_count']) == (2, 1)
+    assert len(running.runner.runs) == 1
+    assert len(await harness.db.list_log(task.run_id)) == 1
+
+
+async def test_a_step_that_dies_is_recorded_failed(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    async def dies(_: message.OpExecutionTask) -> StepOutcome:
+        return DIED
+
+    task = await harness.enqueue()
+    await start_worker(dies)
+    await harness.reaches(task, StepState.FAILED)
+    row = await harness.db.get_execution(task.idempotency_key)
+    assert row is not None and row['error'] == DIED.error
+    assert await harness.db.list_effects(task.run_id) == []
+
+
+async def test_a_lost_lease_kills_the_step_and_records_nothing(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    gate = Gate()
+    task = await harness.enqueue()
+    running = await start_worker(gate)
+    await asyncio.wait_for(gate.entered.wait(), timeout=10)
+    row = await harness.db.get_execution(task.idempotency_key)
+    assert row is not None
+    # What the executor's health check does once the lease has expired: abandon, fenced.
+    assert await harness.db.expire_lease(task.idempotency_key, token=row['lease_token'])
+    assert await harness.db.abandon(task.idempotency_key, token=row['lease_token'])
+
+    async def killed() -> bool:
+        return running.runner.runs[0].stopped_by == 'SIGKILL'
+
+    await eventually(killed, what='the step killed at the next heartbeat')
+    await eventually(harness.queue_empty, what='the message deleted')
+    assert await harness.state(task) == StepState.ABANDONED
+    assert await harness.db.list_effects(task.run_id) == []
+
+
+async def test_a_cancel_interrupts_the_step(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    gate = Gate()
+    task = await harness.enqueue()
+    running = await start_worker(gate)
+    await asyncio.wait_for(gate.entered.wait(), timeout=10)
+    assert await harness.db.cancel(task.idempotency_key, reason='run terminated')
+
+    async def interrupted() -> bool:
+        return running.runner.runs[0].stopped_by == 'SIGTERM'
+
+    await eventually(interrupted, what='the step interrupted at the next heartbeat')
+    await eventually(harness.queue_empty, what='the message deleted')
+    assert await harness.state(task) == StepState.CANCELLED
+
+
+async def test_a_stop_lets_a_running_step_finish_within_the_drain(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    gate = Gate()
+    task = await harness.enqueue()
+    running = await start_worker(gate)
+    await asyncio.wait_for(gate.entered.wait(), timeout=10)
+    running.worker.request_stop('test')
+    gate.opened.set()  # after the stop: the drain waits for the step (30 s drain timeout)
+    await asyncio.wait_for(running.serving, timeout=30)
+    assert await harness.state(task) == StepState.COMPLETED
+    assert running.runner.runs[0].stopped_by is None
+    assert await harness.queue_empty()
+
+
+async def test_past_the_drain_a_step_is_released_for_another_worker(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    gate = Gate()
+    task = await harness.enqueue()
+    running = await start_worker(gate, drain_timeout_s=0.1)
+    await asyncio.wait_for(gate.entered.wait(), timeout=10)
+    await running.stop()
+    assert running.runner.runs[0].stopped_by == 'SIGKILL'
+    row = await harness.db.get_execution(task.idempotency_key)
+    assert row is not None and row['state'] == 'RUNNING' and row['lease_expired']
+    [again] = await harness.queue.receive(1, wait_s=1)  # visible again at once
+    assert message.parse(again.body, None) == task
+
+
+async def test_a_crashed_side_task_stops_the_worker(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]], tmp_path: Path
+) -> None:
+    (tmp_path / 'journal').mkdir()
+    (tmp_path / 'journal' / 'journal-w-9.jsonl').write_text('not JSON\n')  # the reconciler fails
+    running = await start_worker()
+    await asyncio.wait_for(running.serving, timeout=30)
+    assert running.worker.crash is not None
+    assert running.worker.crash.startswith('side task journal crashed: JSONDecodeError')
