@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 SRC = Path(__file__).resolve().parent.parent / 'src'
-LOG_METHODS = {'debug': 0, 'info': 0, 'warning': 0, 'error': 0, 'exception': 0, '_log_step': 1}
+# a logging call -> the position of its event argument
+LOG_METHODS = {'debug': 0, 'info': 0, 'warning': 0, 'error': 0, 'exception': 0, 'log_step': 2}
 
 
 def _strings(node: ast.AST | None) -> set[str]:
@@ -24,8 +25,9 @@ def known_events() -> frozenset[str]:
     found: set[str] = set()
     for path in SRC.rglob('*.py'):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                position = LOG_METHODS.get(node.func.attr)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                position = LOG_METHODS.get(name)
                 if position is not None and len(node.args) > position:
                     found |= _strings(node.args[position])
             elif (

@@ -3,8 +3,10 @@
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from dagster_taskiq_demo.stack import wait_for as wait_until  # the sync twin of `eventually`
+
+__all__ = ['eventually', 'wait_until']
 POLL_S = 0.05
 
 
@@ -16,17 +18,3 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f'{what} not met within {timeout_s} s')
         await asyncio.sleep(POLL_S)
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout_s: float = 30.0, what: str = 'condition'
-) -> Any:
-    """Poll `condition` until it returns something truthy (returned), or fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f'{what} not met within {timeout_s} s')
-        time.sleep(POLL_S)

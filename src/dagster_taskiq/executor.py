@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dagster import Field, IntSource, Noneable, StringSource, executor
 from dagster import _check as check
@@ -34,9 +34,11 @@ from sqlalchemy.engine import RowMapping
 from dagster_taskiq import message
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import SqsQueue, open_queue
 from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
 from dagster_taskiq.store import StepState, Store
+
+if TYPE_CHECKING:
+    from dagster_taskiq.sqs import SqsQueue
 
 T = TypeVar('T')
 
@@ -105,7 +107,7 @@ class SqsStepHandler(StepHandler):
         self.step_queued_timeout_s = step_queued_timeout_s
         self._loop: _LoopThread | None = None
         self._resources = AsyncExitStack()
-        self._queue: SqsQueue | None = None
+        self._queue: SqsQueue | None = None  # opened by `prepare`, when the run starts
         self._queue_lock = asyncio.Lock()
         self._store = Store.from_settings(settings)
 
@@ -129,7 +131,11 @@ class SqsStepHandler(StepHandler):
         """
         asyncio.run_coroutine_threadsafe(self._opened_queue(), self._loop_thread().loop)
 
-    async def _opened_queue(self) -> SqsQueue:
+    async def _opened_queue(self) -> 'SqsQueue':
+        # imported here: every code location imports this module (step processes included),
+        # and only a run worker sends to SQS (aioboto3 is ~20 MB and ~1.5 s of imports)
+        from dagster_taskiq.sqs import open_queue
+
         async with self._queue_lock:
             if self._queue is None:
                 self._queue = await self._resources.enter_async_context(open_queue(self.settings))

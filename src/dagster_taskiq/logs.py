@@ -15,8 +15,8 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 __all__ = ['FilteringBoundLogger', 'configure_logging', 'get_logger']
 
 DURATION_DECIMALS = 3
-# Chatty at INFO (a line per client created); their warnings still show
-QUIET_LOGGERS = ('botocore', 'aiobotocore', 'urllib3')
+# Chatty at INFO (a line per client created, per plugin loaded); their warnings still show
+QUIET_LOGGERS = ('botocore', 'aiobotocore', 'urllib3', 'alembic.runtime.plugins')
 
 
 def round_durations(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -48,7 +48,7 @@ def configure_logging(
     renderer: list[structlog.typing.Processor] = (
         [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
         if json_lines
-        else [structlog.dev.ConsoleRenderer()]
+        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

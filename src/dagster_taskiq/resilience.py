@@ -4,21 +4,21 @@
 5xx) are retried with exponential backoff and full jitter (waits capped at 1, 2, 4, 8, 16 s by
 default), and each failed try counts towards a `CircuitBreaker`, which opens after 5 consecutive
 failures; an open breaker fails calls at once until its cool-down ends, then lets a probe through.
-The store counts its database calls on a breaker of its own (`store.Store`).
+The store counts its database calls on a breaker of its own (`store.Store`). botocore is imported
+where it is used: the store, and so every step process, needs only the breaker.
 """
 
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import TypeVar
-
-import botocore.exceptions
-from aiobotocore.config import AioConfig
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from typing import TYPE_CHECKING, TypeVar
 
 from dagster_taskiq.errors import CircuitOpen, TransportError
 from dagster_taskiq.logs import get_logger
 from dagster_taskiq.settings import Settings
+
+if TYPE_CHECKING:
+    from aiobotocore.config import AioConfig
 
 T = TypeVar('T')
 log = get_logger(__name__)
@@ -82,6 +82,8 @@ class CircuitBreaker:
 
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: the endpoint was unreachable, slow, throttling or failing on its side."""
+    import botocore.exceptions
+
     if isinstance(
         error,
         botocore.exceptions.ConnectionError
@@ -102,6 +104,13 @@ async def guarded_call(
 
     botocore errors become TransportError; CircuitOpen passes through.
     """
+    import botocore.exceptions
+    from tenacity import (
+        AsyncRetrying,
+        retry_if_exception,
+        stop_after_attempt,
+        wait_random_exponential,
+    )
 
     async def tried() -> T:
         breaker.check(what)
@@ -133,8 +142,10 @@ async def guarded_call(
         raise TransportError(f'{what} failed: {error}') from error
 
 
-def aws_client_config() -> AioConfig:
+def aws_client_config() -> 'AioConfig':
     """botocore's own retries off (guarded_call retries), reads long enough for a long poll."""
+    from aiobotocore.config import AioConfig
+
     return AioConfig(
         retries={'max_attempts': 1, 'mode': 'standard'},
         connect_timeout=AWS_CONNECT_TIMEOUT_S,

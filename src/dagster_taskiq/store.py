@@ -5,6 +5,9 @@ later write (heartbeat, finish) carries that token and is refused once it is sta
 expires is never taken over: `abandon` marks the attempt ABANDONED (fenced on the expired token) and
 Dagster retries the step under a new key. The SQL lives in sql/queries.sql.
 
+Alembic is imported only by the functions that migrate: step processes import this module
+(through the executor of their code location) and never migrate.
+
 `Store` owns its engine and a circuit breaker that counts every call (the journal's included): an
 unreachable database shows as StoreUnavailable, and the breaker tells the worker to stop receiving.
 """
@@ -18,10 +21,6 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy.exc
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, RowMapping, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -91,6 +90,11 @@ def upgrade(database_url: str) -> list[str]:
 
     Returns the migrations applied, oldest first, as 'revision: title'; empty when up to date.
     """
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     config = Config()
     config.set_main_option('script_location', str(MIGRATIONS_DIR))
     engine = sync_engine(database_url)
@@ -132,6 +136,8 @@ class Store:
 
     async def check_schema(self) -> None:
         """ConfigError unless every migration is applied (StoreUnavailable: no database)."""
+        from alembic.script import ScriptDirectory
+
         upgrade_hint = 'run `dagster-taskiq db upgrade`'
         try:
             row = await self._first('schema_version')

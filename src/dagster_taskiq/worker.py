@@ -1,23 +1,25 @@
-"""The worker: long-polls SQS, claims each step attempt in the store, runs it through a step runner.
+"""The worker: long-polls SQS, claims each step attempt in the store, hands it to be run.
 
 Shape: `run()` starts the step runner and supervised side tasks (the worker registry heartbeat, the
 journal reconciler; one that crashes stops the worker), then a receive loop that takes at most as
-many messages as it has free slots and starts one task per message. Each task claims its attempt,
-starts the step (`step_runner`), heartbeats its lease until the step ends, and finishes it, fenced.
-Only the stop event stops it; `shutdown()` drains, then releases what is left.
+many messages as it has free slots and starts one task per message. Each task parses and claims
+its attempt; a won claim goes to the `AttemptSupervisor` (attempts.py: start the step through the
+step runner, keep its lease, finish it, fenced), a refused one is deleted and counted, a message
+that cannot be parsed or verified goes to the dead-letter queue. Only the stop event stops the
+worker (`serve` maps SIGTERM/SIGINT to it); `shutdown()` drains, then releases what is left.
 """
 
 import asyncio
 import os
 import signal
 import socket
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dagster_taskiq import journal, message
+from dagster_taskiq.attempts import STOP_GRACE_S, AttemptSupervisor, log_step, logged_failure
 from dagster_taskiq.defaults import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -32,18 +34,16 @@ from dagster_taskiq.errors import (
     StoreUnavailable,
     TransportError,
 )
-from dagster_taskiq.logs import FilteringBoundLogger, get_logger
+from dagster_taskiq.logs import get_logger
 from dagster_taskiq.metrics import WorkerMetrics, health_and_metrics_server
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import Received, SqsQueue, open_queue
-from dagster_taskiq.step_process import StepOutcome
-from dagster_taskiq.step_runner import ForkserverStepRunner, StepRun, StepRunner
-from dagster_taskiq.store import Claimed, LeaseStatus, StepState, Store
+from dagster_taskiq.step_runner import ForkserverStepRunner, StepRunner
+from dagster_taskiq.store import Claimed, StepState, Store
 
 T = TypeVar('T')
 log = get_logger(__name__)
 
-STOP_GRACE_S = 10.0  # how long a signalled step process gets to write Dagster's events and exit
 STORE_RETRY_VISIBILITY_S = 5  # a message whose claim hit an unreachable database comes back soon
 
 
@@ -60,16 +60,6 @@ class WorkerOptions:
     preload: Sequence[str] = ()
     worker_id: str = field(default_factory=default_worker_id)
     journal_dir: Path = DEFAULT_JOURNAL_DIR
-
-
-@dataclass
-class RunningStep:
-    task: message.OpExecutionTask
-    received: Received
-    token: int
-    run: StepRun
-    started_at: float = field(default_factory=time.monotonic)
-    released: bool = False
 
 
 async def until_set(event: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
@@ -101,17 +91,6 @@ def supervised(
     return task
 
 
-async def logged_failure(
-    call: Awaitable[T], errors: type[DagsterTaskiqError], logger: FilteringBoundLogger, event: str
-) -> T | None:
-    """`call`'s result, or None when it raised one of `errors` (logged as `event`)."""
-    try:
-        return await call
-    except errors as error:
-        logger.warning(event, error=str(error))
-        return None
-
-
 class Worker:
     def __init__(
         self,
@@ -130,12 +109,20 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.stop = asyncio.Event()
         self.slot_freed = asyncio.Event()
-        self.running: dict[str, RunningStep] = {}
         self.message_tasks: set[asyncio.Task[None]] = set()
         self.late_receive: asyncio.Future[list[Received]] | None = None
         self.crash: str | None = None  # why a side task stopped the worker
-        self.heartbeat_interval_s = settings.lease_s / 3
         self.log = log.bind(worker_id=self.worker_id)
+        self.attempts = AttemptSupervisor(
+            queue,
+            store,
+            runner,
+            settings,
+            options.journal_dir,
+            self.worker_id,
+            self.metrics,
+            self.log,
+        )
 
     # ----- lifecycle -----
 
@@ -158,7 +145,7 @@ class Worker:
             self.log.info('worker_stopped')
 
     def request_stop(self, why: str) -> None:
-        self.log.info('worker_stopping', reason=why, running=len(self.running))
+        self.log.info('worker_stopping', reason=why, running=len(self.attempts.running))
         self.stop.set()
 
     def _side_task_crashed(self, name: str, error: BaseException) -> None:
@@ -170,7 +157,7 @@ class Worker:
         return {
             'status': 'stopping' if self.stop.is_set() else 'ok',
             'worker_id': self.worker_id,
-            'running': len(self.running),
+            'running': len(self.attempts.running),
             'concurrency': self.options.concurrency,
             'sqs_breaker': str(self.queue.breaker.state),
             'db_breaker': str(self.store.breaker.state),
@@ -180,22 +167,13 @@ class Worker:
         """Let running steps finish within the drain timeout; release the rest."""
         giving_back = asyncio.ensure_future(self._give_back_late_receive())
         if self.message_tasks:
-            self.log.info('worker_draining', running=len(self.running))
+            self.log.info('worker_draining', running=len(self.attempts.running))
             await asyncio.wait(self.message_tasks, timeout=self.options.drain_timeout_s)
-        for step in list(self.running.values()):
-            await self._release(step)
+        for step in list(self.attempts.running.values()):
+            await self.attempts.release(step)
         if self.message_tasks:
             await asyncio.wait(self.message_tasks, timeout=STOP_GRACE_S)
         await giving_back
-
-    async def _release(self, step: RunningStep) -> None:
-        """Give an unfinished attempt back: stop its process, end its lease, make it visible."""
-        step.released = True
-        step.run.kill()  # no Dagster events: the attempt is abandoned and retried
-        key = step.task.idempotency_key
-        await self._store_call(self.store.expire_lease(key, token=step.token))
-        await self._queue_call(self.queue.change_visibility(step.received.receipt_handle, 0))
-        self._log_step(step.task, 'step_released', duration_s=time.monotonic() - step.started_at)
 
     # ----- receiving -----
 
@@ -249,6 +227,7 @@ class Worker:
         receiving = asyncio.ensure_future(
             self.queue.receive(min(self.free_slots(), 10), wait_s=self.options.poll_wait_s)
         )
+        self.log.debug('receive_started', wait_s=self.options.poll_wait_s)  # goes out, stop or not
         stopping = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -290,23 +269,23 @@ class Worker:
                 key, worker_id=self.worker_id, lease_s=self.settings.lease_s
             )
         except StoreUnavailable as error:
-            self._log_step(task, 'claim_deferred', error=str(error))
+            log_step(self.log, task, 'claim_deferred', error=str(error))
             await self._queue_call(
                 self.queue.change_visibility(received.receipt_handle, STORE_RETRY_VISIBILITY_S)
             )
             return
         if isinstance(claim, Claimed):
             self.metrics.claimed.inc()
-            await self._execute(task, received, claim.token)
+            await self.attempts.execute(task, received, claim.token)
             return
         if claim.state is None:
             await self._dead_letter(received, f'unknown attempt key {key}')
             return
         if claim.state is StepState.RUNNING and claim.lease_expired and claim.token is not None:
             reason = await self._store_call(self.store.abandon(key, token=claim.token))
-            self._log_step(task, 'step_abandoned', reason=reason, previous_owner=claim.owner)
+            log_step(self.log, task, 'step_abandoned', reason=reason, previous_owner=claim.owner)
         self.metrics.duplicates.inc()
-        self._log_step(task, 'delivery_refused', state=str(claim.state), owner=claim.owner)
+        log_step(self.log, task, 'delivery_refused', state=str(claim.state), owner=claim.owner)
         await self._queue_call(self.queue.delete(received.receipt_handle))
 
     async def _dead_letter(self, received: Received, reason: str) -> None:
@@ -319,94 +298,18 @@ class Worker:
             return  # keep the message: it comes back, and SQS's own redrive takes it eventually
         await self._queue_call(self.queue.delete(received.receipt_handle))
 
-    async def _execute(self, task: message.OpExecutionTask, received: Received, token: int) -> None:
-        step = RunningStep(task=task, received=received, token=token, run=self.runner.run(task))
-        self.running[task.idempotency_key] = step
-        self.metrics.in_flight.inc()
-        self._log_step(task, 'step_started', pid=step.run.pid)
-        try:
-            outcome, stop_reason = await self._supervise(step)
-        finally:
-            del self.running[task.idempotency_key]
-            self.metrics.in_flight.dec()
-        duration_s = time.monotonic() - step.started_at
-        self.metrics.step_duration.observe(duration_s)
-        if step.released:
-            return
-        if stop_reason is None:
-            await self._finish(step, outcome, duration_s)
-        else:
-            self._log_step(task, 'step_stopped', reason=stop_reason, duration_s=duration_s)
-        await self._queue_call(self.queue.delete(received.receipt_handle))
-
-    async def _supervise(self, step: RunningStep) -> tuple[StepOutcome, str | None]:
-        """Heartbeat until the step ends: its outcome, and the reason it was stopped, if it was."""
-        ended = asyncio.ensure_future(step.run.outcome())
-        deadline = time.monotonic() + self.settings.lease_s
-        stop_reason: str | None = None
-        while not ended.done():
-            await asyncio.wait({ended}, timeout=self.heartbeat_interval_s)
-            if ended.done() or stop_reason is not None or step.released:
-                continue
-            status = await self._heartbeat(step)
-            if status is LeaseStatus.RENEWED:
-                deadline = time.monotonic() + self.settings.lease_s
-            elif status is LeaseStatus.CANCELLED:
-                stop_reason = 'cancelled through Dagster'
-                step.run.interrupt()  # Dagster's interrupt handling records the termination
-                asyncio.get_running_loop().call_later(STOP_GRACE_S, step.run.kill)
-            elif status is LeaseStatus.LOST:
-                stop_reason = 'lease lost: the attempt was abandoned or finished elsewhere'
-                step.run.kill()
-            elif time.monotonic() >= deadline:
-                stop_reason = 'lease could not be renewed before it expired (self-fenced)'
-                step.run.kill()
-        return await ended, stop_reason
-
-    async def _heartbeat(self, step: RunningStep) -> LeaseStatus | None:
-        """Renew the DB lease and the message's visibility; None when the DB is unreachable."""
-        key, lease_s = step.task.idempotency_key, self.settings.lease_s
-        try:
-            status = await self.store.heartbeat(key, token=step.token, lease_s=lease_s)
-        except StoreUnavailable as error:
-            self._log_step(step.task, 'heartbeat_failed', error=str(error))
-            return None
-        if status is LeaseStatus.RENEWED:
-            await self._queue_call(
-                self.queue.change_visibility(
-                    step.received.receipt_handle, self.settings.visibility_timeout_s
-                )
-            )
-        else:
-            self._log_step(step.task, 'heartbeat_refused', status=str(status))
-        return status
-
-    async def _finish(self, step: RunningStep, outcome: StepOutcome, duration_s: float) -> None:
-        state = StepState.COMPLETED if outcome.succeeded else StepState.FAILED
-        key, token = step.task.idempotency_key, step.token
-        try:
-            finished = await self.store.finish(
-                key, token=token, outcome=state, error=outcome.error, effects=outcome.effects
-            )
-        except StoreUnavailable as error:
-            entry = journal.Entry(key, token, state, outcome.error, outcome.effects)
-            journal.append(self.options.journal_dir, self.worker_id, entry)
-            self._log_step(step.task, 'outcome_journaled', outcome=str(state), error=str(error))
-            return
-        (self.metrics.completed if outcome.succeeded else self.metrics.failed).inc()
-        event = 'step_finished' if finished else 'step_finish_refused'
-        self._log_step(step.task, event, outcome=str(state), duration_s=duration_s)
-
     # ----- side tasks -----
 
     async def _registry_loop(self) -> None:
         while True:
             await self._store_call(
                 self.store.worker_seen(
-                    self.worker_id, concurrency=self.options.concurrency, running=len(self.running)
+                    self.worker_id,
+                    concurrency=self.options.concurrency,
+                    running=len(self.attempts.running),
                 )
             )
-            await asyncio.sleep(self.heartbeat_interval_s)
+            await asyncio.sleep(self.attempts.heartbeat_interval_s)
 
     async def _journal_loop(self) -> None:
         while True:
@@ -419,20 +322,13 @@ class Worker:
                     written = 0
                 if written:
                     self.log.info('journal_reconciled', outcomes=written)
-            await asyncio.sleep(self.heartbeat_interval_s)
+            await asyncio.sleep(self.attempts.heartbeat_interval_s)
 
     async def _store_call(self, call: Awaitable[T]) -> T | None:
-        """A store call whose failure is logged and otherwise ignored."""
         return await logged_failure(call, StoreUnavailable, self.log, 'store_call_failed')
 
     async def _queue_call(self, call: Awaitable[T]) -> T | None:
-        """An SQS call whose failure is logged and otherwise ignored (the lease decides)."""
         return await logged_failure(call, TransportError, self.log, 'queue_call_failed')
-
-    def _log_step(self, task: message.OpExecutionTask, event: str, **fields: object) -> None:
-        self.log.info(
-            event, run_id=task.run_id, step_key=task.step_key, attempt=task.attempt, **fields
-        )
 
 
 async def serve(settings: Settings, options: WorkerOptions) -> None:

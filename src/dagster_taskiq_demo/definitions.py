@@ -24,8 +24,7 @@ from dagster import (
 )
 from dagster_aws.s3 import S3PickleIOManager, S3Resource
 
-from dagster_taskiq.executor import taskiq_executor
-from dagster_taskiq.step_process import record_effect
+from dagster_taskiq import record_effect, taskiq_executor
 
 RETRY_POLICY = RetryPolicy(max_retries=2)
 FAN_OUT_WIDTH = 12

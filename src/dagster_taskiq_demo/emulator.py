@@ -4,12 +4,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from dagster_taskiq_demo.stack import stop_process
+from dagster_taskiq_demo.stack import stop_process, wait_for
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -59,10 +58,15 @@ def start_moto(port: int | None = None) -> MotoServer:
         env={**os.environ, **EMULATOR_CREDENTIALS},
     )
     server = MotoServer(port=port, process=process)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _answers(server.url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise EmulatorError(f'moto server did not start on port {port}')
-        time.sleep(0.05)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise EmulatorError(f'moto server exited with code {process.returncode}')
+        return _answers(server.url)
+
+    try:
+        wait_for(answers, START_TIMEOUT_S, f'moto server answering on port {port}')
+    except (EmulatorError, TimeoutError) as error:
+        server.stop()
+        raise EmulatorError(f'moto server did not start on port {port}: {error}') from error
     return server

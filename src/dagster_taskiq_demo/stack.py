@@ -9,16 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+POLL_S = 0.05
+DEFAULT_WAIT_S = 30.0
 WORKER_START_TIMEOUT_S = 90.0  # a cold start imports dagster twice: slow on a loaded 2-core box
 WORKER_STOP_TIMEOUT_S = 60.0
 DEFINITIONS_MODULE = 'dagster_taskiq_demo.definitions'
+T = TypeVar('T')
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> int:
@@ -115,11 +120,24 @@ def spawn_worker(
     return WorkerProcess(worker_id, process, log_path)
 
 
+def wait_for(
+    condition: Callable[[], T], timeout_s: float = DEFAULT_WAIT_S, what: str = 'condition'
+) -> T:
+    """Poll `condition` until it returns something truthy (returned); TimeoutError at the deadline.
+
+    The one polling loop of the stack, its tests and benchmarks: nothing waits by sleeping.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'{what} not met within {timeout_s} s')
+        time.sleep(POLL_S)
+    return result
+
+
 def wait_started(workers: list[WorkerProcess], timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
     """Wait until every worker has warmed its step processes and is receiving."""
     deadline = time.monotonic() + timeout_s
     for worker in workers:
-        while not worker.started():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f'worker {worker.worker_id} did not start in {timeout_s} s')
-            time.sleep(0.05)
+        left_s = max(0.0, deadline - time.monotonic())
+        wait_for(worker.started, left_s, f'worker {worker.worker_id} serving')

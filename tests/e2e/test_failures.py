@@ -249,13 +249,8 @@ def test_sigterm_past_the_drain_timeout_releases_the_step(
 def test_a_poll_cut_short_by_sigterm_gives_its_message_back(stack: Stack) -> None:
     """SQS still answers a long poll its worker gave up: that message must not go invisible."""
     client = sqs(stack)
-    stopping = stack.start_worker(1, '--poll-wait', '20')
-    wait_until(  # registered after its first long poll went out
-        lambda: stack.rows(
-            'SELECT 1 FROM workers WHERE worker_id = %(worker_id)s', worker_id=stopping.worker_id
-        ),
-        what='the worker polling',
-    )
+    stopping = stack.start_worker(1, '--poll-wait', '20', '--log-level', 'debug')
+    wait_until(lambda: events(stopping.log(), 'receive_started'), what='a long poll going out')
     stopping.process.send_signal(signal.SIGTERM)
     client.send_message(QueueUrl=stack.urls.queue_url, MessageBody='sent during the stop')
     assert stopping.process.wait(30) == 0

@@ -16,6 +16,7 @@ from dagster import job, op, reconstructable
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode
 from dagster._grpc.types import ExecuteStepArgs
+from structlog.testing import capture_logs
 
 from dagster_taskiq import message
 from dagster_taskiq.settings import Settings
@@ -307,3 +308,21 @@ async def test_a_crashed_side_task_stops_the_worker(
     await asyncio.wait_for(running.serving, timeout=30)
     assert running.worker.crash is not None
     assert running.worker.crash.startswith('side task journal crashed: JSONDecodeError')
+
+
+async def test_a_queue_deleted_under_the_worker_is_said_plainly_and_backed_off(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    with capture_logs() as logs:
+        running = await start_worker()
+        await harness.queue.client.delete_queue(QueueUrl=harness.queue.urls.queue_url)
+
+        async def missed_thrice() -> bool:
+            return len([e for e in logs if e['event'] == 'queue_missing']) >= 3
+
+        await eventually(missed_thrice, what='three failed receives')
+        await running.stop()
+    waits = [e['retry_in_s'] for e in logs if e['event'] == 'queue_missing']
+    base_s, max_s = harness.settings.retry_base_s, harness.settings.retry_max_s
+    assert waits[:3] == [min(max_s, base_s * 2**n) for n in range(3)]  # backs off, no tight loop
+    assert 'does not exist' in next(e['error'] for e in logs if e['event'] == 'queue_missing')

@@ -46,3 +46,12 @@ def test_unset_keys_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch
 def test_bad_config_is_refused() -> None:
     result = process_config(taskiq_executor.config_schema.config_type, {'sleep_seconds': 'fast'})
     assert not result.success
+
+
+def test_the_public_api_is_at_the_package_root() -> None:
+    import dagster_taskiq
+    from dagster_taskiq.step_process import record_effect
+
+    assert dagster_taskiq.taskiq_executor is taskiq_executor
+    assert dagster_taskiq.record_effect is record_effect
+    assert sorted(dagster_taskiq.__all__) == ['record_effect', 'taskiq_executor']

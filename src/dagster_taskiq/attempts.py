@@ -1,0 +1,178 @@
+"""Claimed attempts, from start to end: the worker keeps each one's lease while its step runs.
+
+`AttemptSupervisor.execute` starts the step through the step runner, heartbeats every lease/3
+(the store's lease, fenced on the claim's token, and the message's visibility), stops the step
+when the attempt is cancelled (interrupt), lost (kill) or its lease could not be renewed in time
+(kill: self-fencing), records how it ended (fenced; journaled when the database is unreachable)
+and deletes the message. `release` gives an attempt back unfinished (a draining worker's last act).
+"""
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from dagster_taskiq import journal
+from dagster_taskiq.errors import DagsterTaskiqError, StoreUnavailable, TransportError
+from dagster_taskiq.logs import FilteringBoundLogger
+from dagster_taskiq.message import OpExecutionTask
+from dagster_taskiq.metrics import WorkerMetrics
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import Received, SqsQueue
+from dagster_taskiq.step_process import StepOutcome
+from dagster_taskiq.step_runner import StepRun, StepRunner
+from dagster_taskiq.store import LeaseStatus, StepState, Store
+
+T = TypeVar('T')
+
+STOP_GRACE_S = 10.0  # how long an interrupted step process gets to write Dagster's events and exit
+
+
+@dataclass
+class RunningStep:
+    task: OpExecutionTask
+    received: Received
+    token: int
+    run: StepRun
+    started_at: float = field(default_factory=time.monotonic)
+    released: bool = False
+
+
+async def logged_failure(
+    call: Awaitable[T], errors: type[DagsterTaskiqError], logger: FilteringBoundLogger, event: str
+) -> T | None:
+    """`call`'s result, or None when it raised one of `errors` (logged as `event`)."""
+    try:
+        return await call
+    except errors as error:
+        logger.warning(event, error=str(error))
+        return None
+
+
+def log_step(
+    logger: FilteringBoundLogger, task: OpExecutionTask, event: str, **fields: object
+) -> None:
+    """One line per state transition of a step attempt."""
+    logger.info(event, run_id=task.run_id, step_key=task.step_key, attempt=task.attempt, **fields)
+
+
+class AttemptSupervisor:
+    def __init__(
+        self,
+        queue: SqsQueue,
+        store: Store,
+        runner: StepRunner,
+        settings: Settings,
+        journal_dir: Path,
+        worker_id: str,
+        metrics: WorkerMetrics,
+        logger: FilteringBoundLogger,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.runner = runner
+        self.settings = settings
+        self.journal_dir = journal_dir
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self.log = logger
+        self.running: dict[str, RunningStep] = {}
+        self.heartbeat_interval_s = settings.lease_s / 3
+
+    async def execute(self, task: OpExecutionTask, received: Received, token: int) -> None:
+        """Run a claimed attempt to its end, then delete its message (unless it was released)."""
+        step = RunningStep(task=task, received=received, token=token, run=self.runner.run(task))
+        self.running[task.idempotency_key] = step
+        self.metrics.in_flight.inc()
+        log_step(self.log, task, 'step_started', pid=step.run.pid)
+        try:
+            outcome, stop_reason = await self._supervise(step)
+        finally:
+            del self.running[task.idempotency_key]
+            self.metrics.in_flight.dec()
+        duration_s = time.monotonic() - step.started_at
+        self.metrics.step_duration.observe(duration_s)
+        if step.released:
+            return
+        if stop_reason is None:
+            await self._finish(step, outcome, duration_s)
+        else:
+            log_step(self.log, task, 'step_stopped', reason=stop_reason, duration_s=duration_s)
+        await self._queue_call(self.queue.delete(received.receipt_handle))
+
+    async def release(self, step: RunningStep) -> None:
+        """Give an unfinished attempt back: stop its process, end its lease, make it visible."""
+        step.released = True
+        step.run.kill()  # no Dagster events: the attempt is abandoned and retried
+        key = step.task.idempotency_key
+        await self._store_call(self.store.expire_lease(key, token=step.token))
+        await self._queue_call(self.queue.change_visibility(step.received.receipt_handle, 0))
+        duration_s = time.monotonic() - step.started_at
+        log_step(self.log, step.task, 'step_released', duration_s=duration_s)
+
+    async def _supervise(self, step: RunningStep) -> tuple[StepOutcome, str | None]:
+        """Heartbeat until the step ends: its outcome, and the reason it was stopped, if it was."""
+        ended = asyncio.ensure_future(step.run.outcome())
+        deadline = time.monotonic() + self.settings.lease_s
+        stop_reason: str | None = None
+        while not ended.done():
+            await asyncio.wait({ended}, timeout=self.heartbeat_interval_s)
+            if ended.done() or stop_reason is not None or step.released:
+                continue
+            status = await self._heartbeat(step)
+            if status is LeaseStatus.RENEWED:
+                deadline = time.monotonic() + self.settings.lease_s
+            elif status is LeaseStatus.CANCELLED:
+                stop_reason = 'cancelled through Dagster'
+                step.run.interrupt()  # Dagster's interrupt handling records the termination
+                asyncio.get_running_loop().call_later(STOP_GRACE_S, step.run.kill)
+            elif status is LeaseStatus.LOST:
+                stop_reason = 'lease lost: the attempt was abandoned or finished elsewhere'
+                step.run.kill()
+            elif time.monotonic() >= deadline:
+                stop_reason = 'lease could not be renewed before it expired (self-fenced)'
+                step.run.kill()
+        return await ended, stop_reason
+
+    async def _heartbeat(self, step: RunningStep) -> LeaseStatus | None:
+        """Renew the DB lease and the message's visibility; None when the DB is unreachable."""
+        key, lease_s = step.task.idempotency_key, self.settings.lease_s
+        try:
+            status = await self.store.heartbeat(key, token=step.token, lease_s=lease_s)
+        except StoreUnavailable as error:
+            log_step(self.log, step.task, 'heartbeat_failed', error=str(error))
+            return None
+        if status is LeaseStatus.RENEWED:
+            await self._queue_call(
+                self.queue.change_visibility(
+                    step.received.receipt_handle, self.settings.visibility_timeout_s
+                )
+            )
+        else:
+            log_step(self.log, step.task, 'heartbeat_refused', status=str(status))
+        return status
+
+    async def _finish(self, step: RunningStep, outcome: StepOutcome, duration_s: float) -> None:
+        state = StepState.COMPLETED if outcome.succeeded else StepState.FAILED
+        key, token = step.task.idempotency_key, step.token
+        try:
+            finished = await self.store.finish(
+                key, token=token, outcome=state, error=outcome.error, effects=outcome.effects
+            )
+        except StoreUnavailable as error:
+            entry = journal.Entry(key, token, state, outcome.error, outcome.effects)
+            journal.append(self.journal_dir, self.worker_id, entry)
+            log_step(self.log, step.task, 'outcome_journaled', outcome=str(state), error=str(error))
+            return
+        (self.metrics.completed if outcome.succeeded else self.metrics.failed).inc()
+        event = 'step_finished' if finished else 'step_finish_refused'
+        log_step(self.log, step.task, event, outcome=str(state), duration_s=duration_s)
+
+    async def _store_call(self, call: Awaitable[T]) -> T | None:
+        return await logged_failure(call, StoreUnavailable, self.log, 'store_call_failed')
+
+    async def _queue_call(self, call: Awaitable[T]) -> T | None:
+        """An SQS call whose failure is logged and otherwise ignored (the lease decides)."""
+        return await logged_failure(call, TransportError, self.log, 'queue_call_failed')
