@@ -2,37 +2,34 @@
 
     .venv/bin/python bench/autoscaling.py [--burst 16] [--target 4] [--max-workers 4] [--json PATH]
 
-Starts its own moto server and database, the auto-scaler and the ECS agent (workers with one slot
-each, min 0), sends a burst of messages that the workers dead-letter (no Dagster run is needed to
-drain a queue), and samples queue depth, desiredCount and running tasks until the service is back
-at zero. Prints the delays from the burst to the first scale-up and to all workers running.
+Starts the benchmarks' stack (harness.bench_stack: moto, a fresh database, the step queue), the
+auto-scaler and the ECS agent (workers with one slot each, min 0), sends a burst of messages that
+the workers dead-letter (no Dagster run is needed to drain a queue), and samples queue depth,
+desiredCount and running tasks until the service is back at zero. Prints the delays from the
+burst to the first scale-up and to all workers running.
 """
 
 import argparse
 import asyncio
-import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import boto3
+from harness import BenchStack, bench_stack, write_json
 
-from dagster_taskiq import store
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.sqs import bootstrap_queues, open_queue
+from dagster_taskiq.sqs import open_queue
 from dagster_taskiq.store import Store
 from dagster_taskiq_demo.ecs_agent import bootstrap_ecs
-from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, start_moto
-from dagster_taskiq_demo.stack import create_database, drop_database
+from dagster_taskiq_demo.stack import stop_process, wait_for
 
-SERVER_URL = os.environ.get('DATABASE_URL', 'postgresql://postgres@127.0.0.1:5432/postgres')
 SAMPLE_S = 0.5
+STOP_TIMEOUT_S = 120.0
 TIMEOUT_S = 300.0
 
 
@@ -65,36 +62,32 @@ def sample(ecs: Any, sqs: Any, settings: Settings, queue_url: str) -> dict[str, 
 
 
 def start(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    # No DAGSTER_HOME (no Dagster run here): with it, each worker's forkserver would build the
+    # Dagster instance as it starts (and the first would create Dagster's tables), which the
+    # burst's start-up delays did not include
+    env = {key: value for key, value in os.environ.items() if key != 'DAGSTER_HOME'}
     with log_path.open('wb') as log_file:
-        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_logged(log_path: Path, event: str) -> None:
-    deadline = time.monotonic() + 120
-    while f'"event": "{event}"' not in log_path.read_text():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f'{event} not in {log_path}')
-        time.sleep(0.1)
+    wait_for(lambda: f'"event": "{event}"' in log_path.read_text(), 120, f'{event} in {log_path}')
 
 
-def run(
-    args: argparse.Namespace, scratch: Path, moto_url: str, database_url: str
-) -> dict[str, Any]:
+def run(args: argparse.Namespace, stack: BenchStack) -> dict[str, Any]:
     suffix = uuid.uuid4().hex[:6]
     os.environ.update(
         {
-            'DATABASE_URL': database_url,
-            'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': moto_url,
-            'DAGSTER_TASKIQ_QUEUE_NAME': f'burst-{suffix}',
             'DAGSTER_TASKIQ_ECS_CLUSTER': f'burst-{suffix}',
             'DAGSTER_TASKIQ_WORKER_SERVICE': f'workers-{suffix}',
         }
     )
-    settings = Settings()
-    urls = asyncio.run(bootstrap_queues(settings))
-    ecs = boto3.client('ecs', endpoint_url=moto_url, region_name=settings.aws_region)
-    sqs = boto3.client('sqs', endpoint_url=moto_url, region_name=settings.aws_region)
+    settings = Settings()  # the step queue is bench_stack's, already bootstrapped
+    ecs = boto3.client('ecs', endpoint_url=stack.moto_url, region_name=settings.aws_region)
+    sqs = boto3.client('sqs', endpoint_url=stack.moto_url, region_name=settings.aws_region)
+    queue_url = sqs.get_queue_url(QueueName=settings.queue_name)['QueueUrl']
     bootstrap_ecs(ecs, settings.ecs_cluster, settings.worker_service)
+    scratch = stack.scratch
     bin_dir = Path(sys.executable).parent
     agent = start(
         [str(bin_dir / 'dagster-taskiq-demo'), 'ecs-agent', '--poll-interval', '1',
@@ -115,7 +108,7 @@ def run(
         peak = 0
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:
-            row = sample(ecs, sqs, settings, urls.queue_url)
+            row = sample(ecs, sqs, settings, queue_url)
             samples.append(row)
             peak = max(peak, row['desired'])
             if peak and row['desired'] == 0 and row['running'] == 0:
@@ -123,9 +116,8 @@ def run(
             time.sleep(SAMPLE_S)
     finally:
         for process in (scaler, agent):
-            process.send_signal(signal.SIGTERM)
-            process.wait(120)
-    events = asyncio.run(scaling_events(database_url, settings.worker_service))
+            stop_process(process, STOP_TIMEOUT_S)
+    events = asyncio.run(scaling_events(stack.database_url, settings.worker_service))
     first_up = next(e for e in events if e['desired'] > e['desired_before'])
     all_running = next(s for s in samples if s['running'] >= peak)
     return {
@@ -177,20 +169,11 @@ def main() -> None:
     parser.add_argument('--max-workers', type=int, default=4)
     parser.add_argument('--json', type=Path)
     args = parser.parse_args()
-    os.environ.update({k: os.environ.get(k, v) for k, v in EMULATOR_CREDENTIALS.items()})
-    database = f'bench_{uuid.uuid4().hex[:10]}'
-    moto = start_moto()
-    try:
-        database_url = create_database(SERVER_URL, database)
-        store.upgrade(database_url)
-        with tempfile.TemporaryDirectory(prefix='dagster-taskiq-burst-') as scratch:
-            report = run(args, Path(scratch), moto.url, database_url)
-    finally:
-        drop_database(SERVER_URL, database)
-        moto.stop()
+    with bench_stack() as stack:
+        report = run(args, stack)
     print_report(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+        write_json(args.json, report)
 
 
 if __name__ == '__main__':

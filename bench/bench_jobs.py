@@ -1,7 +1,9 @@
 """The benchmarks' jobs: the same graphs on every executor a user would compare.
 
-`<graph>__<executor>` for each graph and executor (in_process, multiprocess, celery, taskiq).
-Taskiq and Celery workers import this module (the benchmarks put bench/ on PYTHONPATH).
+`<graph>__<executor>` for each graph and executor (in_process, multiprocess, mp_forkserver,
+celery, taskiq); multiprocess and mp_forkserver are the same executor, which bench/executors.py
+configures with spawn and with forkserver. Taskiq and Celery workers import this module (the
+benchmarks put bench/ on PYTHONPATH), and so does mp_forkserver's forkserver.
 """
 
 import time
@@ -33,6 +35,7 @@ MEMORY_STEP_S = 5.0
 EXECUTORS: dict[str, ExecutorDefinition] = {
     'in_process': in_process_executor,
     'multiprocess': multiprocess_executor,
+    'mp_forkserver': multiprocess_executor,
     'celery': celery_executor,
     'taskiq': taskiq_executor,
 }

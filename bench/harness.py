@@ -7,7 +7,6 @@ import `bench_jobs` (bench/ is put on PYTHONPATH, so every child process finds i
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from dagster_taskiq_demo.stack import (
     create_database,
     drop_database,
     spawn_worker,
+    stop_process,
     wait_started,
     write_dagster_home,
 )
@@ -103,13 +103,7 @@ class CeleryWorker:
     log_path: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-            try:
-                self.process.wait(CELERY_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, CELERY_STOP_TIMEOUT_S)  # SIGTERM: Celery's warm shutdown
 
 
 def start_celery_workers(stack: BenchStack, count: int) -> list[CeleryWorker]:

@@ -7,6 +7,9 @@ main process and the tree's PSS (proportional set size: pages shared after a for
 across the processes that share them, so the tree's PSS is what it really takes); for the run
 process, its peak RSS. Baselines measured in the same go: a bare `python -c 'import dagster'`,
 an idle dagster-celery worker, and the run process of the same job on the in_process executor.
+"4 steps running" is sampled once the worker's tree holds its idle processes plus 4 step processes
+and the run has logged 4 STEP_START; Dagster's compute-log capture then adds, per step, a `tail`
+and a watcher process for each of stdout and stderr (children of the step process, in the sample).
 """
 
 import argparse
@@ -14,12 +17,13 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import bench_jobs
+from dagster import DagsterEventType, DagsterInstance, RunsFilter
 from harness import (
     bench_stack,
     machine,
@@ -28,6 +32,8 @@ from harness import (
     timed_run,
     write_json,
 )
+
+from dagster_taskiq_demo.stack import wait_for
 
 SETTLE_S = 2.0  # after start-up, before an idle sample
 STEPS_TIMEOUT_S = 60.0
@@ -47,8 +53,8 @@ def _pss_kb(pid: int) -> int:
     raise KeyError('Pss')
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it."""
+def _parents() -> dict[int, int]:
+    """The parent of every process."""
     parents: dict[int, int] = {}
     for entry in Path('/proc').iterdir():
         if entry.name.isdigit():
@@ -58,6 +64,12 @@ def descendants(pid: int) -> list[int]:
             except OSError:
                 continue
             parents[int(entry.name)] = int(stat[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    parents = _parents()
     tree, frontier = [pid], [pid]
     while frontier:
         children = [child for child, parent in parents.items() if parent in frontier]
@@ -94,13 +106,39 @@ def bare_dagster() -> dict[str, Any]:
     return sample
 
 
-def steps_running(pid: int, count: int) -> None:
-    """Wait until the worker tree holds its main process, forkserver and `count` step processes."""
-    deadline = time.monotonic() + STEPS_TIMEOUT_S
-    while len(descendants(pid)) < 2 + count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f'{count} steps did not start')
-        time.sleep(0.05)
+def step_processes(idle: set[int]) -> list[int]:
+    """Processes started by those of the idle worker tree (the forkserver's step processes)."""
+    return [child for child, parent in _parents().items() if parent in idle and child not in idle]
+
+
+def steps_started(instance: DagsterInstance, job: str) -> int:
+    runs = instance.get_runs(RunsFilter(job_name=job))
+    return sum(len(instance.all_logs(r.run_id, of_type=DagsterEventType.STEP_START)) for r in runs)
+
+
+def steps_running(idle: set[int], count: int, job: str, run: Future[Any]) -> None:
+    """Wait until the worker tree holds `count` step processes besides its `idle` processes and
+    the run of `job` has logged `count` STEP_START (each step is in its op). Raises otherwise."""
+    seen = (0, 0)
+
+    with DagsterInstance.get() as instance:
+
+        def running() -> bool:
+            nonlocal seen
+            if run.done():
+                run.result()  # raises if the run failed
+                raise RuntimeError(f'{job} ended before {count} of its steps ran at once')
+            steps = len(step_processes(idle))
+            seen = (steps, steps_started(instance, job) if steps == count else 0)
+            return seen == (count, count)
+
+        try:
+            wait_for(running, STEPS_TIMEOUT_S, f'{count} step processes and STEP_START of {job}')
+        except TimeoutError as error:
+            raise TimeoutError(
+                f'{error}: the worker tree holds {seen[0]} step processes besides its idle '
+                f'{len(idle)}, and {job} has {seen[1]} STEP_START'
+            ) from error
 
 
 def run_peak_rss(job: str) -> float:
@@ -131,14 +169,15 @@ def main() -> None:
         try:
             time.sleep(SETTLE_S)
             rows.append({'what': 'taskiq worker, idle', **tree_sample(worker.process.pid)})
+            idle = set(descendants(worker.process.pid))
             with ProcessPoolExecutor(1, mp_context=get_context('spawn')) as pool:
                 run = pool.submit(timed_run, 'sleepy__taskiq', {})
-                steps_running(worker.process.pid, bench_jobs.MEMORY_STEPS)
+                steps_running(idle, bench_jobs.MEMORY_STEPS, 'sleepy__taskiq', run)
+                sample = tree_sample(worker.process.pid)
+                if len(step_processes(idle)) != bench_jobs.MEMORY_STEPS:
+                    raise RuntimeError('a step process ended while the tree was sampled')
                 rows.append(
-                    {
-                        'what': f'taskiq worker, {bench_jobs.MEMORY_STEPS} steps running',
-                        **tree_sample(worker.process.pid),
-                    }
+                    {'what': f'taskiq worker, {bench_jobs.MEMORY_STEPS} steps running', **sample}
                 )
                 run.result()
             run_rows = [
