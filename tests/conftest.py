@@ -57,9 +57,9 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Store]:
-    """The store on a migrated private schema."""
+    """The store on a migrated private schema; it abandons an expired lease at once (no grace)."""
     store.upgrade(database_url)
-    db = Store.connect(database_url)
+    db = Store.connect(database_url, abandon_grace_s=0.0)
     yield db
     await db.close()
 

@@ -28,6 +28,9 @@ from dagster_taskiq.store import LeaseStatus, StepState, Store
 T = TypeVar('T')
 
 STOP_GRACE_S = 10.0  # how long an interrupted step process gets to write Dagster's events and exit
+# The worker kills a step this share of its lease before the lease can expire (kill latency,
+# the request's time on the wire, clock rate differences); lease 30 s: 6 s before
+KILL_MARGIN_FRACTION = 0.2
 
 
 @dataclass
@@ -35,9 +38,17 @@ class RunningStep:
     task: OpExecutionTask
     received: Received
     token: int
+    lease_sent_at: float  # time.monotonic() when the claim that won the lease was sent
     run: StepRun
     started_at: float = field(default_factory=time.monotonic)
     released: bool = False
+    visibility: 'asyncio.Future[None] | None' = None  # the message's visibility being extended
+
+
+def kill_deadline(sent_at: float, lease_s: float) -> float:
+    """When a step must be dead unless its lease is renewed again, for a lease won or renewed by
+    a request sent at `sent_at`: a margin before the store's expiry, which counts from later."""
+    return sent_at + lease_s * (1 - KILL_MARGIN_FRACTION)
 
 
 async def logged_failure(
@@ -81,9 +92,14 @@ class AttemptSupervisor:
         self.running: dict[str, RunningStep] = {}
         self.heartbeat_interval_s = settings.lease_s / 3
 
-    async def execute(self, task: OpExecutionTask, received: Received, token: int) -> None:
-        """Run a claimed attempt to its end, then delete its message (unless it was released)."""
-        step = RunningStep(task=task, received=received, token=token, run=self.runner.run(task))
+    async def execute(
+        self, task: OpExecutionTask, received: Received, token: int, claim_sent_at: float
+    ) -> None:
+        """Run a claimed attempt to its end, then delete its message (unless it was released).
+
+        `claim_sent_at`: time.monotonic() when the claim that won the lease was sent.
+        """
+        step = RunningStep(task, received, token, claim_sent_at, run=self.runner.run(task))
         self.running[task.idempotency_key] = step
         self.metrics.in_flight.inc()
         log_step(self.log, task, 'step_started', pid=step.run.pid)
@@ -113,46 +129,75 @@ class AttemptSupervisor:
         log_step(self.log, step.task, 'step_released', duration_s=duration_s)
 
     async def _supervise(self, step: RunningStep) -> tuple[StepOutcome, str | None]:
-        """Heartbeat until the step ends: its outcome, and the reason it was stopped, if it was."""
+        """Heartbeat until the step ends: its outcome, and the reason it was stopped, if it was.
+
+        The step dies before its lease can expire: the kill deadline counts from before the
+        request that won or renewed the lease was sent (the store's expiry counts from its
+        arrival), less a margin; a heartbeat may take only the time left until that deadline,
+        and the step process kills itself at the same deadline if the worker cannot.
+        """
         ended = asyncio.ensure_future(step.run.outcome())
-        deadline = time.monotonic() + self.settings.lease_s
+        deadline = kill_deadline(step.lease_sent_at, self.settings.lease_s)
+        step.run.extend(deadline - time.monotonic())
+        next_beat = time.monotonic() + self.heartbeat_interval_s
         stop_reason: str | None = None
-        while not ended.done():
-            await asyncio.wait({ended}, timeout=self.heartbeat_interval_s)
-            if ended.done() or stop_reason is not None or step.released:
-                continue
-            status = await self._heartbeat(step)
-            if status is LeaseStatus.RENEWED:
-                deadline = time.monotonic() + self.settings.lease_s
-            elif status is LeaseStatus.CANCELLED:
-                stop_reason = 'cancelled through Dagster'
-                step.run.interrupt()  # Dagster's interrupt handling records the termination
-                asyncio.get_running_loop().call_later(STOP_GRACE_S, step.run.kill)
-            elif status is LeaseStatus.LOST:
-                stop_reason = 'lease lost: the attempt was abandoned or finished elsewhere'
-                step.run.kill()
-            elif time.monotonic() >= deadline:
+        while stop_reason is None and not step.released:
+            wake_in_s = min(next_beat, deadline) - time.monotonic()
+            await asyncio.wait({ended}, timeout=max(0.0, wake_in_s))
+            if ended.done() or step.released:
+                break
+            sent_at = time.monotonic()
+            if sent_at >= deadline:
                 stop_reason = 'lease could not be renewed before it expired (self-fenced)'
                 step.run.kill()
-        return await ended, stop_reason
+            elif sent_at >= next_beat:
+                next_beat = sent_at + self.heartbeat_interval_s
+                status = await self._heartbeat(step, timeout_s=deadline - sent_at)
+                if status is LeaseStatus.RENEWED:
+                    deadline = kill_deadline(sent_at, self.settings.lease_s)
+                    step.run.extend(deadline - time.monotonic())
+                elif status is LeaseStatus.CANCELLED:
+                    stop_reason = 'cancelled through Dagster'
+                    step.run.interrupt()  # Dagster's interrupt handling records the termination
+                    asyncio.get_running_loop().call_later(STOP_GRACE_S, step.run.kill)
+                elif status is LeaseStatus.LOST:
+                    stop_reason = 'lease lost: the attempt was abandoned or finished elsewhere'
+                    step.run.kill()
+        outcome = await ended
+        if step.visibility is not None:
+            step.visibility.cancel()
+        return outcome, stop_reason
 
-    async def _heartbeat(self, step: RunningStep) -> LeaseStatus | None:
-        """Renew the DB lease and the message's visibility; None when the DB is unreachable."""
+    async def _heartbeat(self, step: RunningStep, timeout_s: float) -> LeaseStatus | None:
+        """Renew the DB lease within `timeout_s`, then, in the background, the message's
+        visibility (SQS being slow or cut off must not hold up the lease); None on failure."""
         key, lease_s = step.task.idempotency_key, self.settings.lease_s
         try:
-            status = await self.store.heartbeat(key, token=step.token, lease_s=lease_s)
+            status = await asyncio.wait_for(
+                self.store.heartbeat(key, token=step.token, lease_s=lease_s), timeout_s
+            )
+        except TimeoutError:
+            self.store.breaker.record_failure()
+            log_step(self.log, step.task, 'heartbeat_failed', error=f'no answer in {timeout_s} s')
+            return None
         except StoreUnavailable as error:
             log_step(self.log, step.task, 'heartbeat_failed', error=str(error))
             return None
-        if status is LeaseStatus.RENEWED:
-            await self._queue_call(
-                self.queue.change_visibility(
-                    step.received.receipt_handle, self.settings.visibility_timeout_s
-                )
-            )
-        else:
+        if status is not LeaseStatus.RENEWED:
             log_step(self.log, step.task, 'heartbeat_refused', status=str(status))
+        elif step.visibility is None or step.visibility.done():  # one extension at a time
+            step.visibility = asyncio.ensure_future(self._extend_visibility(step))
         return status
+
+    async def _extend_visibility(self, step: RunningStep) -> None:
+        """Keep the message invisible while the step runs, within one heartbeat interval."""
+        extension = self.queue.change_visibility(
+            step.received.receipt_handle, self.settings.visibility_timeout_s
+        )
+        try:
+            await asyncio.wait_for(extension, self.heartbeat_interval_s)
+        except (TransportError, TimeoutError) as error:
+            log_step(self.log, step.task, 'visibility_not_extended', error=str(error) or 'timeout')
 
     async def _finish(self, step: RunningStep, outcome: StepOutcome, duration_s: float) -> None:
         state = StepState.COMPLETED if outcome.succeeded else StepState.FAILED

@@ -10,6 +10,10 @@ DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/postgres'
 DEFAULT_VISIBILITY_TIMEOUT_S = 60
 DEFAULT_MAX_RECEIVE_COUNT = 10
 DEFAULT_LEASE_S = 30.0
+# An expired lease is abandoned (and the step retried) only this long after it expired: time for
+# its owner to have stopped the step (it kills it before expiry; this covers a slow kill)
+DEFAULT_ABANDON_GRACE_S = 2.0
+DEFAULT_STORE_CALL_TIMEOUT_S = 10.0  # no database call waits longer, whatever the network does
 DEFAULT_RETRY_BASE_S = 1.0
 DEFAULT_RETRY_MAX_S = 16.0
 DEFAULT_RETRY_ATTEMPTS = 6  # one call and 5 retries, waits capped at 1, 2, 4, 8, 16 s

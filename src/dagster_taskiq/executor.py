@@ -222,7 +222,7 @@ class SqsStepHandler(StepHandler):
         if row is None:
             return f'no record of attempt {key} in the idempotency store', None
         state = row['state']
-        if state == StepState.RUNNING and row['lease_expired']:
+        if state == StepState.RUNNING and row['abandonable']:
             reason = await self._store.abandon(key, token=row['lease_token'])
             if reason is None:  # renewed, finished or abandoned meanwhile: look again
                 return await self._health(key)

@@ -4,6 +4,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dagster_taskiq.defaults import (
+    DEFAULT_ABANDON_GRACE_S,
     DEFAULT_BREAKER_COOLDOWN_S,
     DEFAULT_BREAKER_THRESHOLD,
     DEFAULT_DATABASE_URL,
@@ -15,6 +16,7 @@ from dagster_taskiq.defaults import (
     DEFAULT_RETRY_ATTEMPTS,
     DEFAULT_RETRY_BASE_S,
     DEFAULT_RETRY_MAX_S,
+    DEFAULT_STORE_CALL_TIMEOUT_S,
     DEFAULT_VISIBILITY_TIMEOUT_S,
     DEFAULT_WORKER_SERVICE,
 )
@@ -48,6 +50,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(DEFAULT_VISIBILITY_TIMEOUT_S, ge=0, le=43200)  # SQS's range
     max_receive_count: int = Field(DEFAULT_MAX_RECEIVE_COUNT, ge=1, le=1000)
     lease_s: float = Field(DEFAULT_LEASE_S, gt=0)
+    abandon_grace_s: float = Field(DEFAULT_ABANDON_GRACE_S, ge=0)
+    store_call_timeout_s: float = Field(DEFAULT_STORE_CALL_TIMEOUT_S, gt=0)
     signing_key: SecretStr | None = None
     retry_base_s: float = Field(DEFAULT_RETRY_BASE_S, gt=0)
     retry_max_s: float = Field(DEFAULT_RETRY_MAX_S, gt=0)

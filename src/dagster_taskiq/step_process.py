@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -123,16 +124,21 @@ def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
         outcome.error = 'Dagster did not execute the step (already started, or the run has ended)'
 
 
-def _die_with_worker(lifeline: Connection) -> None:
-    """Kill this process when the worker is gone (its end of `lifeline` closes).
+def _guard(lifeline: Connection) -> None:
+    """Kill this step's process group when the worker is gone or stops extending its deadline.
 
-    The step process is a child of the forkserver, not of the worker, so nothing else would stop
-    it when the worker is SIGKILLed; a step that outlived its worker could report to Dagster after
-    its attempt was abandoned.
+    The worker sends, every time it renews the attempt's lease, how many seconds this process may
+    live without another renewal; it ends before the lease can expire. The step process is a child
+    of the forkserver, not of the worker, so nothing else would stop it when the worker is killed
+    (its end of `lifeline` closes), frozen (SIGSTOP, a VM pause) or cut off from the store: a step
+    that outlived its lease could run beside the next attempt and report to Dagster after its
+    attempt was abandoned. Processes that user code started are in the group and die with it.
     """
-    with contextlib.suppress(EOFError):
-        lifeline.recv()
-    os.kill(os.getpid(), signal.SIGKILL)
+    deadline_s: float | None = None
+    with contextlib.suppress(EOFError, OSError):
+        while deadline_s is None or lifeline.poll(max(0.0, deadline_s - time.monotonic())):
+            deadline_s = time.monotonic() + float(lifeline.recv())
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def report_failed_imports(modules: Sequence[str], result: Connection) -> None:
@@ -151,7 +157,8 @@ def report_failed_imports(modules: Sequence[str], result: Connection) -> None:
 
 def run_step(execute_step_args: str, result: Connection, lifeline: Connection) -> None:
     """Entry point of the step process: execute the step, send the outcome to the worker."""
-    threading.Thread(target=_die_with_worker, args=(lifeline,), daemon=True).start()
+    os.setpgid(0, 0)  # a group of its own, which the worker and the guard kill as one
+    threading.Thread(target=_guard, args=(lifeline,), daemon=True).start()
     outcome = StepOutcome()
     try:
         with capture_interrupts():

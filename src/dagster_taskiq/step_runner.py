@@ -8,7 +8,10 @@ event loop and threads. What runs inside the step process is `step_process.run_s
 """
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
+import signal
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
@@ -41,12 +44,17 @@ class StepRun(Protocol):
         """Wait until the step has ended; what it reported, or why it reported nothing."""
         ...
 
+    def extend(self, seconds: float) -> None:
+        """The step must end by itself unless extended again within `seconds` (its self-guard:
+        a frozen or cut-off worker cannot leave it running past its lease)."""
+        ...
+
     def interrupt(self) -> None:
         """Ask the step to stop (Dagster's interrupt handling records it)."""
         ...
 
     def kill(self) -> None:
-        """Stop the step at once; it writes nothing more."""
+        """Stop the step, and whatever its user code started, at once; it writes nothing more."""
         ...
 
 
@@ -88,7 +96,9 @@ class ProcessStepRun:
     def __init__(self, process: BaseProcess, reader: Connection, keep_alive: Connection) -> None:
         self.process = process
         self.reader = reader
-        self.keep_alive = keep_alive  # its closing (our exit, even SIGKILL) kills the step process
+        # the lifeline's sending end: deadline extensions go through it, and its closing (our
+        # exit, even SIGKILL) kills the step process group
+        self.keep_alive = keep_alive
 
     @property
     def pid(self) -> int | None:
@@ -108,12 +118,20 @@ class ProcessStepRun:
             self.keep_alive.close()
         return sent or StepOutcome(error=f'step process exited with code {self.process.exitcode}')
 
+    def extend(self, seconds: float) -> None:
+        with contextlib.suppress(OSError):  # the step process has ended: nothing to extend
+            self.keep_alive.send(seconds)
+
     def interrupt(self) -> None:
         if self.process.is_alive():
             self.process.terminate()
 
     def kill(self) -> None:
-        if self.process.is_alive():
+        if self.process.pid is None or not self.process.is_alive():
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not yet the leader of its own group (it has just started)
             self.process.kill()
 
 

@@ -12,6 +12,7 @@ Alembic is imported only by the functions that migrate: step processes import th
 unreachable database shows as StoreUnavailable, and the breaker tells the worker to stop receiving.
 """
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -25,7 +26,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, RowMapping, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from dagster_taskiq.defaults import DEFAULT_BREAKER_COOLDOWN_S, DEFAULT_BREAKER_THRESHOLD
+from dagster_taskiq.defaults import (
+    DEFAULT_ABANDON_GRACE_S,
+    DEFAULT_BREAKER_COOLDOWN_S,
+    DEFAULT_BREAKER_THRESHOLD,
+    DEFAULT_STORE_CALL_TIMEOUT_S,
+)
 from dagster_taskiq.errors import ConfigError, StoreUnavailable
 from dagster_taskiq.resilience import CircuitBreaker
 from dagster_taskiq.settings import Settings
@@ -64,6 +70,7 @@ class Refused:
     owner: str | None = None
     token: int | None = None
     lease_expired: bool = False
+    abandonable: bool = False  # expired more than the store's abandon grace ago
 
 
 def store_url(database_url: str) -> URL:
@@ -77,12 +84,25 @@ def store_url(database_url: str) -> URL:
     return url.set(drivername='postgresql+psycopg')
 
 
+# libpq's own bounds: a host that never answers fails the connect, and TCP keepalives find a peer
+# that vanished under an idle pooled connection. A call's overall bound is Store.call_timeout_s.
+CONNECT_ARGS = {
+    'connect_timeout': 5,
+    'keepalives': 1,
+    'keepalives_idle': 10,
+    'keepalives_interval': 5,
+    'keepalives_count': 3,
+}
+
+
 def async_engine(database_url: str) -> AsyncEngine:
-    return create_async_engine(store_url(database_url), pool_pre_ping=True)
+    return create_async_engine(
+        store_url(database_url), pool_pre_ping=True, connect_args=CONNECT_ARGS
+    )
 
 
 def sync_engine(database_url: str) -> Engine:
-    return create_engine(store_url(database_url), pool_pre_ping=True)
+    return create_engine(store_url(database_url), pool_pre_ping=True, connect_args=CONNECT_ARGS)
 
 
 def upgrade(database_url: str) -> list[str]:
@@ -117,19 +137,35 @@ def upgrade(database_url: str) -> list[str]:
 class Store:
     """The idempotency store on one async engine; every call is counted by `breaker`."""
 
-    def __init__(self, engine: AsyncEngine, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        breaker: CircuitBreaker,
+        *,
+        call_timeout_s: float = DEFAULT_STORE_CALL_TIMEOUT_S,
+        abandon_grace_s: float = DEFAULT_ABANDON_GRACE_S,
+    ) -> None:
         self.engine = engine
         self.breaker = breaker
+        self.call_timeout_s = call_timeout_s  # no call waits longer (packets dropped, say)
+        self.abandon_grace_s = abandon_grace_s  # an expired lease is abandoned this much later
 
     @classmethod
-    def connect(cls, database_url: str, breaker: CircuitBreaker | None = None) -> 'Store':
+    def connect(
+        cls, database_url: str, breaker: CircuitBreaker | None = None, **options: float
+    ) -> 'Store':
         """A store on a new engine for `database_url` (a default breaker unless one is given)."""
         breaker = breaker or CircuitBreaker(DEFAULT_BREAKER_THRESHOLD, DEFAULT_BREAKER_COOLDOWN_S)
-        return cls(async_engine(database_url), breaker)
+        return cls(async_engine(database_url), breaker, **options)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> 'Store':
-        return cls.connect(settings.database_url, CircuitBreaker.from_settings(settings))
+        return cls.connect(
+            settings.database_url,
+            CircuitBreaker.from_settings(settings),
+            call_timeout_s=settings.store_call_timeout_s,
+            abandon_grace_s=settings.abandon_grace_s,
+        )
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -153,11 +189,15 @@ class Store:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.engine.begin() as connection:
+            async with asyncio.timeout(self.call_timeout_s), self.engine.begin() as connection:
                 yield connection
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
             self.breaker.record_failure()
             raise StoreUnavailable(f'database unreachable: {error.orig or error}') from error
+        except TimeoutError as error:
+            self.breaker.record_failure()
+            message = f'database did not answer within {self.call_timeout_s} s'
+            raise StoreUnavailable(message) from error
         self.breaker.record_success()
 
     async def _first(self, query: str, **params: Any) -> RowMapping | None:
@@ -195,7 +235,7 @@ class Store:
         row = await self._first('claim', key=key, worker_id=worker_id, lease_s=lease_s)
         if row is not None:
             return Claimed(token=row['lease_token'], lease_expires_at=row['lease_expires_at'])
-        row = await self._first('refuse', key=key)
+        row = await self._first('refuse', key=key, grace_s=self.abandon_grace_s)
         if row is None:
             return Refused(state=None)
         return Refused(
@@ -203,6 +243,7 @@ class Store:
             owner=row['owner'],
             token=row['lease_token'],
             lease_expired=bool(row['lease_expired']),
+            abandonable=bool(row['abandonable']),
         )
 
     async def heartbeat(self, key: str, *, token: int, lease_s: float) -> LeaseStatus:
@@ -243,12 +284,13 @@ class Store:
             return finished
 
     async def abandon(self, key: str, *, token: int) -> str | None:
-        """Mark a RUNNING attempt whose lease (held with `token`) has expired ABANDONED.
+        """Mark ABANDONED a RUNNING attempt whose lease (held with `token`) expired more than the
+        abandon grace ago, so its owner has certainly stopped its step.
 
         Returns the recorded reason (naming the lost worker) when this call did it, else None: the
-        lease is live, the token is stale, or someone else abandoned it first.
+        lease is live or in its grace, the token is stale, or someone else abandoned it first.
         """
-        row = await self._first('abandon', key=key, token=token)
+        row = await self._first('abandon', key=key, token=token, grace_s=self.abandon_grace_s)
         return None if row is None else str(row['error'])
 
     async def expire_lease(self, key: str, *, token: int) -> bool:
@@ -263,8 +305,9 @@ class Store:
         return await self._first('cancel', key=key, reason=reason, states=states) is not None
 
     async def get_execution(self, key: str) -> RowMapping | None:
-        """The attempt's row, with computed `lease_expired` and `age_s`; None for an unknown key."""
-        return await self._first('get_execution', key=key)
+        """The attempt's row, with computed `lease_expired`, `abandonable` and `age_s`; None for an
+        unknown key."""
+        return await self._first('get_execution', key=key, grace_s=self.abandon_grace_s)
 
     async def list_executions(self, run_id: str) -> Sequence[RowMapping]:
         return await self._all('list_executions', run_id=run_id)

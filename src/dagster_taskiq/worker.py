@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,7 @@ class Worker:
             await self._dead_letter(received, str(error))
             return
         key = task.idempotency_key
+        claim_sent_at = time.monotonic()
         try:
             claim = await self.store.claim(
                 key, worker_id=self.worker_id, lease_s=self.settings.lease_s
@@ -276,12 +278,12 @@ class Worker:
             return
         if isinstance(claim, Claimed):
             self.metrics.claimed.inc()
-            await self.attempts.execute(task, received, claim.token)
+            await self.attempts.execute(task, received, claim.token, claim_sent_at)
             return
         if claim.state is None:
             await self._dead_letter(received, f'unknown attempt key {key}')
             return
-        if claim.state is StepState.RUNNING and claim.lease_expired and claim.token is not None:
+        if claim.state is StepState.RUNNING and claim.abandonable and claim.token is not None:
             reason = await self._store_call(self.store.abandon(key, token=claim.token))
             log_step(self.log, task, 'step_abandoned', reason=reason, previous_owner=claim.owner)
         self.metrics.duplicates.inc()

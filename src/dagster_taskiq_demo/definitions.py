@@ -153,6 +153,64 @@ def side_effect_job() -> None:
     write_effect.alias('effect_c')()
 
 
+# The demo's own record of when each attempt's user code ran (outside the store and Dagster), so a
+# test or `verify` can prove two attempts of one step never ran at once. A killed attempt has no
+# `ended_at`: it died at most ALIVE_INTERVAL_S after its last `alive_at`.
+ALIVE_INTERVAL_S = 0.1
+OP_RUNS_TABLE = """
+CREATE TABLE IF NOT EXISTS demo_op_runs (
+  run_id text NOT NULL, step_key text NOT NULL, attempt int NOT NULL, pid int NOT NULL,
+  child_pid int, begun_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  alive_at timestamptz NOT NULL DEFAULT clock_timestamp(), ended_at timestamptz
+)"""
+
+
+class RecordedConfig(Config):
+    seconds: float = 5.0
+    with_child: bool = False  # also start a child process (`sleep`) and record its pid
+
+
+@op
+def recorded_sleep(context: OpExecutionContext, config: RecordedConfig) -> int:
+    """Sleep `seconds`, recording in `demo_op_runs` when this attempt began, lived and ended."""
+    import subprocess
+
+    import psycopg
+
+    with psycopg.connect(os.environ['DATABASE_URL'], autocommit=True) as connection:
+        connection.execute(OP_RUNS_TABLE)
+        child = subprocess.Popen(['sleep', str(config.seconds + 60)]) if config.with_child else None
+        key = (context.run_id, context.get_step_execution_context().step.key, context.retry_number)
+        connection.execute(
+            'INSERT INTO demo_op_runs (run_id, step_key, attempt, pid, child_pid)'
+            ' VALUES (%s, %s, %s, %s, %s)',
+            (*key, os.getpid(), child and child.pid),
+        )
+        deadline = time.monotonic() + config.seconds
+        while time.monotonic() < deadline:
+            time.sleep(ALIVE_INTERVAL_S)
+            connection.execute(
+                'UPDATE demo_op_runs SET alive_at = clock_timestamp()'
+                ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
+                key,
+            )
+        if child is not None:
+            child.kill()
+            child.wait()
+        connection.execute(
+            'UPDATE demo_op_runs SET ended_at = clock_timestamp()'
+            ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
+            key,
+        )
+    return context.retry_number
+
+
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def recorded_job() -> None:
+    """One op that records its own begin, liveness and end (`demo_op_runs`), then one after it."""
+    add_one(recorded_sleep())
+
+
 defs = Definitions(
     jobs=[
         fast_job,
@@ -162,6 +220,7 @@ defs = Definitions(
         flaky_job,
         crashing_job,
         side_effect_job,
+        recorded_job,
     ],
     resources={'io_manager': demo_io_manager()},
 )

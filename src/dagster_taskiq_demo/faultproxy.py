@@ -95,8 +95,11 @@ class FaultProxy:
             writer.transport.abort()
         self.connections.clear()
 
+    def _refusing(self) -> bool:
+        return self.mode is Mode.RESET
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.mode is Mode.RESET:
+        if self._refusing():
             writer.transport.abort()
             return
         try:
@@ -105,7 +108,7 @@ class FaultProxy:
             writer.transport.abort()
             return
         self.connections |= {writer, upstream_writer}
-        if self.mode is Mode.RESET:  # switched while this connection was being made
+        if self._refusing():  # switched while this connection was being made
             self._abort_all()
             return
         try:

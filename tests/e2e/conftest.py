@@ -28,6 +28,7 @@ from tests.conftest import BASE_DATABASE_URL
 from tests.e2e.jobs import FAST_RUN_CONFIG, demo_job
 
 LEASE_S = 3.0  # heartbeats every second; a lost worker's lease expires within 3 s
+ABANDON_GRACE_S = 1.0  # and is abandoned a second later
 SIGNING_KEY = 'e2e-signing-key'
 STEP_START_TIMEOUT_S = 120.0
 
@@ -110,6 +111,7 @@ def stack(
         'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': moto_server.url,
         'DAGSTER_TASKIQ_QUEUE_NAME': f'e2e-{uuid.uuid4().hex[:10]}',
         'DAGSTER_TASKIQ_LEASE_S': str(LEASE_S),
+        'DAGSTER_TASKIQ_ABANDON_GRACE_S': str(ABANDON_GRACE_S),
         'DAGSTER_TASKIQ_VISIBILITY_TIMEOUT_S': str(int(LEASE_S * 2)),
         'DAGSTER_TASKIQ_SIGNING_KEY': SIGNING_KEY,
         'DAGSTER_TASKIQ_RETRY_BASE_S': '0.1',

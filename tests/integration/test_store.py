@@ -4,12 +4,14 @@ import asyncio
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dagster_taskiq import store
 from dagster_taskiq.errors import ConfigError, StoreUnavailable
 from dagster_taskiq.resilience import CircuitBreaker
 from dagster_taskiq.store import Claimed, LeaseStatus, Refused, StepState, Store
+from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
 from tests.waiting import eventually
 
 KEY = 'run-1:compute[a.b]:0'
@@ -158,7 +160,11 @@ async def test_an_expired_lease_is_never_taken_over(db: Store) -> None:
     await expired_claim(db)
     result = await db.claim(KEY, worker_id='w2', lease_s=LONG_LEASE_S)
     assert result == Refused(
-        state=StepState.RUNNING, owner='w1', token=result.token, lease_expired=True
+        state=StepState.RUNNING,
+        owner='w1',
+        token=result.token,
+        lease_expired=True,
+        abandonable=True,  # this store's grace is 0
     )
     assert len(await log_rows(db)) == 1
 
@@ -252,3 +258,42 @@ async def test_unreachable_database_is_a_store_error() -> None:
             await unreachable.get_execution(KEY)
     finally:
         await unreachable.close()
+
+
+async def test_an_expired_lease_is_abandoned_only_after_the_grace(
+    db: Store, database_url: str
+) -> None:
+    graceful = Store.connect(database_url, abandon_grace_s=2.0)
+    try:
+        await enqueue(graceful)
+        token = await claimed(graceful, lease_s=0.0)  # expired at once
+        row = await graceful.get_execution(KEY)
+        assert row is not None and row['lease_expired'] and not row['abandonable']
+        # within the grace its owner may still be stopping the step: nobody abandons it yet
+        assert await graceful.abandon(KEY, token=token) is None
+        refused = await graceful.claim(KEY, worker_id='w2', lease_s=LONG_LEASE_S)
+        assert isinstance(refused, Refused) and refused.lease_expired and not refused.abandonable
+
+        async def abandonable() -> bool:
+            row = await graceful.get_execution(KEY)
+            return row is not None and bool(row['abandonable'])
+
+        await eventually(abandonable, what='the grace over')
+        assert await graceful.abandon(KEY, token=token) is not None
+    finally:
+        await graceful.close()
+
+
+async def test_a_call_the_database_never_answers_is_bounded(db: Store, database_url: str) -> None:
+    with FaultProxy('127.0.0.1', make_url(database_url).port or 5432) as proxy:
+        proxied = make_url(database_url).set(host='127.0.0.1', port=proxy.port)
+        cut = Store.connect(proxied.render_as_string(False), call_timeout_s=0.5)
+        try:
+            assert await cut.get_execution(KEY) is None  # connected, through the proxy
+            proxy.set_mode(Mode.DROP)
+            with pytest.raises(StoreUnavailable, match=r'did not answer within 0\.5 s'):
+                await cut.get_execution(KEY)
+            assert cut.breaker.failures == 1
+        finally:
+            proxy.set_mode(Mode.RESET)
+            await cut.close()

@@ -9,13 +9,16 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from dagster import job, op, reconstructable
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode
 from dagster._grpc.types import ExecuteStepArgs
+from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
 from dagster_taskiq import message
@@ -24,6 +27,7 @@ from dagster_taskiq.sqs import SqsQueue, bootstrap_queues, open_queue
 from dagster_taskiq.step_process import StepOutcome
 from dagster_taskiq.store import StepState, Store
 from dagster_taskiq.worker import Worker, WorkerOptions
+from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
 from tests.waiting import eventually
 
 LEASE_S = 1.5  # heartbeats every 0.5 s
@@ -50,12 +54,16 @@ class CallableStepRun:
     running: asyncio.Task[StepOutcome]
     stopped_by: str | None = None
     pid: int | None = None
+    extensions: list[float] = field(default_factory=list)  # what the self-guard was granted
 
     async def outcome(self) -> StepOutcome:
         try:
             return await self.running
         except asyncio.CancelledError:
             return StepOutcome(error=f'step process ended by {self.stopped_by}')
+
+    def extend(self, seconds: float) -> None:
+        self.extensions.append(seconds)
 
     def interrupt(self) -> None:
         self._stop('SIGTERM')
@@ -168,7 +176,12 @@ async def start_worker(
 ) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     started: list[Running] = []
 
-    async def start(body: StepBody = succeeds, drain_timeout_s: float = 30.0) -> Running:
+    async def start(
+        body: StepBody = succeeds,
+        drain_timeout_s: float = 30.0,
+        store: Store | None = None,
+        queue: SqsQueue | None = None,
+    ) -> Running:
         runner = CallableStepRunner(body)
         options = WorkerOptions(
             concurrency=2,
@@ -177,7 +190,9 @@ async def start_worker(
             worker_id=f'w-{len(started)}',
             journal_dir=tmp_path / 'journal',
         )
-        worker = Worker(harness.queue, harness.db, runner, harness.settings, options)
+        worker = Worker(
+            queue or harness.queue, store or harness.db, runner, harness.settings, options
+        )
         running = Running(worker, runner, asyncio.create_task(worker.run()))
         started.append(running)
         return running
@@ -326,3 +341,82 @@ async def test_a_queue_deleted_under_the_worker_is_said_plainly_and_backed_off(
     base_s, max_s = harness.settings.retry_base_s, harness.settings.retry_max_s
     assert waits[:3] == [min(max_s, base_s * 2**n) for n in range(3)]  # backs off, no tight loop
     assert 'does not exist' in next(e['error'] for e in logs if e['event'] == 'queue_missing')
+
+
+@pytest.fixture
+async def store_through_proxy(harness: Harness, database_url: str) -> AsyncIterator[FaultProxy]:
+    """A proxy between the worker and PostgreSQL (the test's own store connects directly)."""
+    url = make_url(database_url)
+    with FaultProxy('127.0.0.1', url.port or 5432) as proxy:
+        yield proxy
+        proxy.set_mode(Mode.RESET)  # end the worker's hung calls at once
+
+
+def proxied_store(proxy: FaultProxy, database_url: str) -> Store:
+    url = make_url(database_url).set(host='127.0.0.1', port=proxy.port)
+    return Store.connect(url.render_as_string(False), abandon_grace_s=0.0)
+
+
+@pytest.mark.slow
+async def test_a_worker_cut_off_from_the_store_kills_its_step_before_the_lease_expires(
+    harness: Harness,
+    start_worker: Callable[..., Awaitable[Running]],
+    store_through_proxy: FaultProxy,
+    database_url: str,
+) -> None:
+    """Packets to PostgreSQL dropped, connections left open: nothing fails, nothing answers."""
+    gate = Gate()
+    task = await harness.enqueue()
+    cut_off = proxied_store(store_through_proxy, database_url)
+    try:
+        running = await start_worker(gate, store=cut_off)
+        await asyncio.wait_for(gate.entered.wait(), timeout=10)
+        store_through_proxy.set_mode(Mode.DROP)
+
+        async def killed() -> bool:
+            return running.runner.runs[0].stopped_by == 'SIGKILL'
+
+        await eventually(killed, what='the step killed (self-fenced)')
+        row = await harness.db.get_execution(task.idempotency_key)  # straight to PostgreSQL
+        assert row is not None and row['state'] == 'RUNNING'
+        assert not row['lease_expired']  # killed while the lease still held: no overlap possible
+        assert running.runner.runs[0].extensions  # the step's own guard was armed too
+        await running.stop()
+    finally:
+        await cut_off.close()
+
+
+@pytest.mark.slow
+async def test_a_worker_cut_off_from_sqs_keeps_its_lease_and_finishes(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    """SQS dropping packets must not hold up the lease renewals: the step runs to its end."""
+    gate = Gate()
+    task = await harness.enqueue()
+    sqs_port = urlsplit(str(harness.settings.aws_endpoint_url)).port or 80
+    with FaultProxy('127.0.0.1', sqs_port) as proxy:
+        settings = harness.settings.model_copy(
+            update={'aws_endpoint_url': f'http://127.0.0.1:{proxy.port}'}
+        )
+        async with open_queue(settings) as cut_off:
+            running = await start_worker(gate, queue=cut_off)
+            await asyncio.wait_for(gate.entered.wait(), timeout=10)
+            proxy.set_mode(Mode.DROP)
+            before = await harness.db.get_execution(task.idempotency_key)
+            assert before is not None
+
+            async def renewed_twice_more() -> bool:
+                row = await harness.db.get_execution(task.idempotency_key)
+                renewals = timedelta(seconds=2 * LEASE_S / 3)
+                return (
+                    row is not None
+                    and row['lease_expires_at'] > before['lease_expires_at'] + renewals
+                )
+
+            await eventually(renewed_twice_more, what='the lease renewed while SQS is cut off')
+            proxy.set_mode(Mode.RESET)  # the partition ends: hung requests fail and are retried
+            proxy.set_mode(Mode.PASS)
+            gate.opened.set()
+            await harness.reaches(task, StepState.COMPLETED)
+            assert running.runner.runs[0].stopped_by is None
+            await running.stop()

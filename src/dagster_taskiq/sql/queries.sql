@@ -30,7 +30,8 @@ SELECT lease_token, lease_expires_at FROM claimed
 UPDATE step_executions
 SET delivery_count = delivery_count + 1, refused_count = refused_count + 1
 WHERE idempotency_key = :key
-RETURNING state, owner, lease_token, lease_expires_at, lease_expires_at <= now() AS lease_expired
+RETURNING state, owner, lease_token, lease_expires_at, lease_expires_at <= now() AS lease_expired,
+          lease_expires_at + make_interval(secs => :grace_s) <= now() AS abandonable
 
 -- name: heartbeat
 UPDATE step_executions
@@ -53,13 +54,14 @@ WITH finished AS (
 SELECT state FROM finished
 
 -- name: abandon
--- Only a RUNNING attempt whose lease has expired, fenced on the token the caller saw.
+-- Only a RUNNING attempt whose lease expired more than the grace ago (its owner has had time to
+-- stop the step), fenced on the token the caller saw.
 WITH abandoned AS (
   UPDATE step_executions
   SET state = 'ABANDONED', ended_at = now(),
       error = format('lease of worker %s (token %s) expired at %s', owner, lease_token, lease_expires_at)
   WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
-    AND lease_expires_at <= now()
+    AND lease_expires_at + make_interval(secs => :grace_s) <= now()
   RETURNING idempotency_key, lease_token, error
 ), closed AS (
   UPDATE execution_log AS log
@@ -85,6 +87,7 @@ SELECT idempotency_key FROM cancelled
 
 -- name: get_execution
 SELECT *, lease_expires_at <= now() AS lease_expired,
+       lease_expires_at + make_interval(secs => :grace_s) <= now() AS abandonable,
        extract(epoch FROM now() - enqueued_at) AS age_s
 FROM step_executions
 WHERE idempotency_key = :key

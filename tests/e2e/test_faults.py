@@ -1,0 +1,161 @@
+"""Faults that test exactly-once at its core: no two attempts of a step ever run at once.
+
+The demo op `recorded_sleep` writes its own record of when each attempt's user code began, was
+last alive and ended (`demo_op_runs`), outside the store and Dagster: what the tests check.
+"""
+
+import itertools
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from dagster import DagsterEventType, DagsterInstance
+
+from dagster_taskiq_demo.definitions import ALIVE_INTERVAL_S
+from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
+from tests.e2e.conftest import LEASE_S, STEP_START_TIMEOUT_S, Stack, attempts, run
+from tests.logs import events
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+STEP = 'recorded_sleep'
+ENDPOINT_VARIABLE = 'DAGSTER_TASKIQ_AWS_ENDPOINT_URL'
+
+
+def recorded_config(seconds: float, with_child: bool = False) -> dict[str, Any]:
+    return {'ops': {STEP: {'config': {'seconds': seconds, 'with_child': with_child}}}}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def op_runs(stack: Stack, run_id: str) -> list[dict[str, Any]]:
+    try:
+        return stack.rows(
+            'SELECT * FROM demo_op_runs WHERE run_id = %(run_id)s ORDER BY step_key, attempt',
+            run_id=run_id,
+        )
+    except psycopg.errors.UndefinedTable:  # no op has recorded anything yet
+        return []
+
+
+def assert_no_overlap(runs: list[dict[str, Any]]) -> None:
+    """Each attempt began after the one before it was dead (ended, or last alive + one beat)."""
+    for earlier, later in itertools.pairwise(runs):
+        if earlier['step_key'] != later['step_key']:
+            continue
+        dead_by = earlier['ended_at'] or earlier['alive_at'] + timedelta(seconds=ALIVE_INTERVAL_S)
+        assert later['begun_at'] > dead_by, (earlier, later)
+
+
+def step_successes(instance: DagsterInstance, run_id: str, step_key: str) -> int:
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records
+    return sum(record.event_log_entry.step_key == step_key for record in records)
+
+
+def test_a_frozen_workers_step_dies_by_itself_before_its_lease_expires(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """SIGSTOP the worker past its lease: its step (and the process the op started) must stop on
+    its own, before the lease expires; the retry runs elsewhere; Dagster and the store agree."""
+    workers = stack.start_workers(2, 1)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'recorded_job', recorded_config(8, with_child=True))
+        row = wait_until(
+            lambda: stack.rows(
+                "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
+                step=STEP,
+            ),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the step running',
+        )[0]
+        [first] = wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
+        [frozen] = [w for w in workers if w.worker_id == row['owner']]
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: not pid_alive(first['pid']),
+                timeout_s=2 * LEASE_S,
+                what='the step process to kill itself',
+            )
+            [lease] = stack.rows(
+                'SELECT lease_expires_at > now() AS live FROM step_executions'
+                ' WHERE idempotency_key = %(key)s',
+                key=row['idempotency_key'],
+            )
+            assert lease['live']  # it died while its lease still held
+            wait_until(lambda: not pid_alive(first['child_pid']), what='the op child to die')
+            ok, run_id = outcome.result(timeout=120)
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+    assert ok
+    assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == [
+        (0, 'ABANDONED'),
+        (1, 'COMPLETED'),
+    ]
+    assert step_successes(instance, run_id, STEP) == 1
+    runs = op_runs(stack, run_id)
+    assert [(r['attempt'], r['ended_at'] is None) for r in runs] == [(0, True), (1, False)]
+    assert_no_overlap(runs)
+
+    def handled_after_resume() -> list[dict[str, Any]]:
+        log = frozen.log()
+        return events(log, 'step_finish_refused') + events(log, 'step_stopped')
+
+    wait_until(handled_after_resume, what='the resumed worker to see its step gone')
+    assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == [
+        (0, 'ABANDONED'),
+        (1, 'COMPLETED'),
+    ]  # the resumed worker changed nothing
+    assert step_successes(instance, run_id, STEP) == 1
+
+
+@pytest.mark.parametrize('cut', ['store', 'sqs'])
+def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
+    stack: Stack, instance: DagsterInstance, cut: str
+) -> None:
+    """Packets dropped, connections left open, between one worker and PostgreSQL (its store) or
+    SQS. Cut off from the store, it must stop its step before the lease expires (the retry runs
+    on the other worker); cut off from SQS, it keeps its lease and finishes. Either way the op's
+    own record shows no two attempts at once, and Dagster and the store agree."""
+    target = urlsplit(stack.database_url if cut == 'store' else stack.env[ENDPOINT_VARIABLE])
+    with FaultProxy('127.0.0.1', target.port or 0) as proxy:
+        through_proxy = target._replace(netloc=f'{target.hostname}:{proxy.port}').geturl()
+        variable = 'DATABASE_URL' if cut == 'store' else ENDPOINT_VARIABLE
+        [partitioned] = stack.start_workers(
+            1, 1, env={variable: through_proxy, 'DAGSTER_TASKIQ_STORE_CALL_TIMEOUT_S': '2'}
+        )
+        with ThreadPoolExecutor(1) as pool:
+            outcome = pool.submit(run, instance, 'recorded_job', recorded_config(6))
+            row = wait_until(
+                lambda: stack.rows(
+                    "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
+                    step=STEP,
+                ),
+                timeout_s=STEP_START_TIMEOUT_S,
+                what='the step running',
+            )[0]
+            assert row['owner'] == partitioned.worker_id  # the only worker so far
+            stack.start_workers(1, 1)  # the one that can take the retry
+            proxy.set_mode(Mode.DROP)
+            ok, run_id = outcome.result(timeout=120)
+            proxy.set_mode(Mode.RESET)
+    assert ok
+    expected = [(0, 'ABANDONED'), (1, 'COMPLETED')] if cut == 'store' else [(0, 'COMPLETED')]
+    assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == expected
+    assert step_successes(instance, run_id, STEP) == 1
+    assert_no_overlap(op_runs(stack, run_id))
+    logged = [(r['attempt'], r['outcome']) for r in stack.log_rows(run_id) if r['step_key'] == STEP]
+    assert logged == expected
+    if cut == 'sqs':  # the cut took effect: the message's visibility could not be extended
+        assert events(partitioned.log(), 'visibility_not_extended')
