@@ -178,7 +178,9 @@ class AttemptSupervisor:
             )
         except TimeoutError:
             self.store.breaker.record_failure()
-            log_step(self.log, step.task, 'heartbeat_failed', error=f'no answer in {timeout_s} s')
+            log_step(
+                self.log, step.task, 'heartbeat_failed', error=f'no answer in {timeout_s:.2f} s'
+            )
             return None
         except StoreUnavailable as error:
             log_step(self.log, step.task, 'heartbeat_failed', error=str(error))

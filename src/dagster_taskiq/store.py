@@ -14,12 +14,11 @@ unreachable database shows as StoreUnavailable, and the breaker tells the worker
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy import create_engine, text
@@ -38,6 +37,9 @@ from dagster_taskiq.settings import Settings
 from dagster_taskiq.sql import MIGRATIONS_DIR, VERSION_TABLE, load_queries
 
 QUERIES = {name: text(sql) for name, sql in load_queries().items()}
+T = TypeVar('T')
+# Transactions given up on (timed out or their caller cancelled), still being cancelled
+_LET_GO: set['asyncio.Task[Any]'] = set()
 _POSTGRES_DRIVERS = {'postgres', 'postgresql', 'postgresql+psycopg', 'postgresql+psycopg2'}
 
 
@@ -93,6 +95,19 @@ CONNECT_ARGS = {
     'keepalives_interval': 5,
     'keepalives_count': 3,
 }
+
+
+def _let_go(task: 'asyncio.Task[Any]') -> None:
+    """Cancel `task` without waiting for it; keep it referenced until it is done."""
+    task.cancel()
+    _LET_GO.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: 'asyncio.Task[Any]') -> None:
+    _LET_GO.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller has long had its StoreUnavailable
 
 
 def async_engine(database_url: str) -> AsyncEngine:
@@ -186,33 +201,53 @@ class Store:
         if current != head:
             raise ConfigError(f'the store is at migration {current}, not {head}: {upgrade_hint}')
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+    async def _run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`work` in one transaction, answered within `call_timeout_s` or StoreUnavailable.
+
+        The transaction runs as a task of its own, which a timeout (or the caller's own
+        cancellation) cancels without waiting for: psycopg's cancellation waits for the server to
+        acknowledge it, which a link that drops packets never does.
+        """
+
+        async def transaction() -> T:
+            async with self.engine.begin() as connection:
+                return await work(connection)
+
+        task = asyncio.ensure_future(transaction())
         try:
-            async with asyncio.timeout(self.call_timeout_s), self.engine.begin() as connection:
-                yield connection
+            done, _ = await asyncio.wait({task}, timeout=self.call_timeout_s)
+        except asyncio.CancelledError:
+            _let_go(task)
+            raise
+        if not done:
+            _let_go(task)
+            self.breaker.record_failure()
+            raise StoreUnavailable(f'database did not answer within {self.call_timeout_s} s')
+        try:
+            result = task.result()
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
             self.breaker.record_failure()
             raise StoreUnavailable(f'database unreachable: {error.orig or error}') from error
-        except TimeoutError as error:
-            self.breaker.record_failure()
-            message = f'database did not answer within {self.call_timeout_s} s'
-            raise StoreUnavailable(message) from error
         self.breaker.record_success()
+        return result
 
     async def _first(self, query: str, **params: Any) -> RowMapping | None:
-        async with self._transaction() as connection:
-            result = await connection.execute(QUERIES[query], params)
-            return result.mappings().first()
+        async def first(connection: AsyncConnection) -> RowMapping | None:
+            return (await connection.execute(QUERIES[query], params)).mappings().first()
+
+        return await self._run(first)
 
     async def _all(self, query: str, **params: Any) -> Sequence[RowMapping]:
-        async with self._transaction() as connection:
-            result = await connection.execute(QUERIES[query], params)
-            return result.mappings().all()
+        async def all_rows(connection: AsyncConnection) -> Sequence[RowMapping]:
+            return (await connection.execute(QUERIES[query], params)).mappings().all()
+
+        return await self._run(all_rows)
 
     async def _execute(self, query: str, **params: Any) -> None:
-        async with self._transaction() as connection:
+        async def execute(connection: AsyncConnection) -> None:
             await connection.execute(QUERIES[query], params)
+
+        await self._run(execute)
 
     # ----- step attempts -----
 
@@ -270,18 +305,18 @@ class Store:
         """
         if outcome not in (StepState.COMPLETED, StepState.FAILED):
             raise ValueError(f'an attempt finishes COMPLETED or FAILED, not {outcome}')
-        async with self._transaction() as connection:
-            params = {'key': key, 'token': token, 'outcome': str(outcome), 'error': error}
+        params = {'key': key, 'token': token, 'outcome': str(outcome), 'error': error}
+        rows = [
+            {'key': key, 'name': e['name'], 'payload': json.dumps(e['payload'])} for e in effects
+        ]
+
+        async def fenced_finish(connection: AsyncConnection) -> bool:
             finished = (await connection.execute(QUERIES['finish'], params)).first() is not None
-            if finished and effects:
-                await connection.execute(
-                    QUERIES['insert_effect'],
-                    [
-                        {'key': key, 'name': e['name'], 'payload': json.dumps(e['payload'])}
-                        for e in effects
-                    ],
-                )
+            if finished and rows:
+                await connection.execute(QUERIES['insert_effect'], rows)
             return finished
+
+        return await self._run(fenced_finish)
 
     async def abandon(self, key: str, *, token: int) -> str | None:
         """Mark ABANDONED a RUNNING attempt whose lease (held with `token`) expired more than the

@@ -129,12 +129,17 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
     on the other worker); cut off from SQS, it keeps its lease and finishes. Either way the op's
     own record shows no two attempts at once, and Dagster and the store agree."""
     target = urlsplit(stack.database_url if cut == 'store' else stack.env[ENDPOINT_VARIABLE])
-    with FaultProxy('127.0.0.1', target.port or 0) as proxy:
-        through_proxy = target._replace(netloc=f'{target.hostname}:{proxy.port}').geturl()
-        variable = 'DATABASE_URL' if cut == 'store' else ENDPOINT_VARIABLE
-        [partitioned] = stack.start_workers(
-            1, 1, env={variable: through_proxy, 'DAGSTER_TASKIQ_STORE_CALL_TIMEOUT_S': '2'}
-        )
+    variable = 'DATABASE_URL' if cut == 'store' else ENDPOINT_VARIABLE
+    with (
+        FaultProxy('127.0.0.1', target.port or 0) as first,
+        FaultProxy('127.0.0.1', target.port or 0) as second,
+    ):
+        proxies = {}
+        for proxy in (first, second):  # each worker through a proxy of its own
+            through_proxy = target._replace(netloc=f'{target.hostname}:{proxy.port}').geturl()
+            env = {variable: through_proxy, 'DAGSTER_TASKIQ_STORE_CALL_TIMEOUT_S': '2'}
+            [worker] = stack.start_workers(1, 1, env=env)
+            proxies[worker.worker_id] = (proxy, worker)
         with ThreadPoolExecutor(1) as pool:
             outcome = pool.submit(run, instance, 'recorded_job', recorded_config(6))
             row = wait_until(
@@ -145,11 +150,10 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
                 timeout_s=STEP_START_TIMEOUT_S,
                 what='the step running',
             )[0]
-            assert row['owner'] == partitioned.worker_id  # the only worker so far
-            stack.start_workers(1, 1)  # the one that can take the retry
-            proxy.set_mode(Mode.DROP)
+            cut_off, partitioned = proxies[row['owner']]
+            cut_off.set_mode(Mode.DROP)
             ok, run_id = outcome.result(timeout=120)
-            proxy.set_mode(Mode.RESET)
+            cut_off.set_mode(Mode.RESET)
     assert ok
     expected = [(0, 'ABANDONED'), (1, 'COMPLETED')] if cut == 'store' else [(0, 'COMPLETED')]
     assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == expected
