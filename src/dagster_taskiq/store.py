@@ -337,7 +337,16 @@ class Store:
     ) -> bool:
         """Mark a QUEUED (or RUNNING) attempt CANCELLED; an owner sees it at its next heartbeat."""
         states = ['QUEUED'] if only_queued else ['QUEUED', 'RUNNING']
-        return await self._first('cancel', key=key, reason=reason, states=states) is not None
+        params = {'key': key, 'reason': reason, 'states': states}
+
+        async def cancel_and_close(connection: AsyncConnection) -> bool:
+            row = (await connection.execute(QUERIES['cancel'], params)).mappings().first()
+            if row is not None and row['lease_token'] is not None:
+                close = {'key': key, 'token': row['lease_token']}
+                await connection.execute(QUERIES['close_cancelled_start'], close)
+            return row is not None
+
+        return await self._run(cancel_and_close)
 
     async def get_execution(self, key: str) -> RowMapping | None:
         """The attempt's row, with computed `lease_expired`, `abandonable` and `age_s`; None for an

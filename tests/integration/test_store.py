@@ -297,3 +297,31 @@ async def test_a_call_the_database_never_answers_is_bounded(db: Store, database_
         finally:
             proxy.set_mode(Mode.RESET)
             await cut.close()
+
+
+async def test_a_cancel_racing_a_claim_never_leaves_a_log_row_open(db: Store) -> None:
+    """A claim commits while a cancel waits on its row lock: the cancel must still close the
+    start the claim logged, which is not in the cancel's first snapshot."""
+    await enqueue(db)
+    async with db.engine.connect() as claiming:
+        transaction = await claiming.begin()
+        params = {'key': KEY, 'worker_id': 'w1', 'lease_s': LONG_LEASE_S}
+        await claiming.execute(store.QUERIES['claim'], params)  # row locked, start logged
+        cancelling = asyncio.create_task(db.cancel(KEY, reason='run terminated'))
+
+        async def cancel_waits_on_the_lock() -> bool:
+            async with db.engine.connect() as watcher:
+                waiting = await watcher.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%%CANCELLED%%'"
+                )
+                return bool(waiting.scalar())
+
+        await eventually(cancel_waits_on_the_lock, what='the cancel blocked by the claim')
+        await transaction.commit()
+    assert await cancelling
+    [row] = await db.list_executions('run-1')
+    assert row['state'] == 'CANCELLED'
+    assert [(r['outcome'], r['ended_at'] is not None) for r in await log_rows(db)] == [
+        ('CANCELLED', True)
+    ]

@@ -72,18 +72,17 @@ WITH abandoned AS (
 SELECT error FROM abandoned
 
 -- name: cancel
-WITH cancelled AS (
-  UPDATE step_executions
-  SET state = 'CANCELLED', ended_at = now(), error = :reason
-  WHERE idempotency_key = :key AND state = ANY(:states)
-  RETURNING idempotency_key, lease_token
-), closed AS (
-  UPDATE execution_log AS log
-  SET outcome = 'CANCELLED', ended_at = now()
-  FROM cancelled
-  WHERE log.idempotency_key = cancelled.idempotency_key AND log.lease_token = cancelled.lease_token
-)
-SELECT idempotency_key FROM cancelled
+-- Then close_cancelled_start, as a statement of its own in the same transaction: a claim that
+-- committed while this one waited on the row is not in this statement's snapshot.
+UPDATE step_executions
+SET state = 'CANCELLED', ended_at = now(), error = :reason
+WHERE idempotency_key = :key AND state = ANY(:states)
+RETURNING idempotency_key, lease_token
+
+-- name: close_cancelled_start
+UPDATE execution_log
+SET outcome = 'CANCELLED', ended_at = now()
+WHERE idempotency_key = :key AND lease_token = :token AND outcome IS NULL
 
 -- name: get_execution
 SELECT *, lease_expires_at <= now() AS lease_expired,
