@@ -328,6 +328,11 @@ class Store:
         row = await self._first('abandon', key=key, token=token, grace_s=self.abandon_grace_s)
         return None if row is None else str(row['error'])
 
+    async def reap_expired(self) -> list[str]:
+        """Abandon every attempt whose lease expired more than the grace ago; their keys."""
+        rows = await self._all('reap_expired', grace_s=self.abandon_grace_s)
+        return [row['idempotency_key'] for row in rows]
+
     async def expire_lease(self, key: str, *, token: int) -> bool:
         """End the lease of the holder of `token` now, so the attempt is abandoned and retried."""
         return await self._first('expire_lease', key=key, token=token) is not None

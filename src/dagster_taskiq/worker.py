@@ -1,12 +1,13 @@
 """The worker: long-polls SQS, claims each step attempt in the store, hands it to be run.
 
-Shape: `run()` starts the step runner and supervised side tasks (the worker registry heartbeat, the
-journal reconciler; one that crashes stops the worker), then a receive loop that takes at most as
-many messages as it has free slots and starts one task per message. Each task parses and claims
-its attempt; a won claim goes to the `AttemptSupervisor` (attempts.py: start the step through the
-step runner, keep its lease, finish it, fenced), a refused one is deleted and counted, a message
-that cannot be parsed or verified goes to the dead-letter queue. Only the stop event stops the
-worker (`serve` maps SIGTERM/SIGINT to it); `shutdown()` drains, then releases what is left.
+Shape: `run()` starts the step runner and supervised side tasks (the worker registry heartbeat,
+the journal reconciler, the reaper of expired leases; one that crashes stops the worker), then a
+receive loop that takes at most as many messages as it has free slots and starts one task per
+message. Each task parses and claims its attempt; a won claim goes to the `AttemptSupervisor`
+(attempts.py: start the step through the step runner, keep its lease, finish it, fenced), a
+refused one is deleted and counted, a message that cannot be parsed or verified goes to the
+dead-letter queue. Only the stop event stops the worker (`serve` maps SIGTERM/SIGINT to it);
+`shutdown()` drains, then releases what is left.
 """
 
 import asyncio
@@ -134,6 +135,7 @@ class Worker:
         side_tasks = [
             supervised(self._registry_loop(), 'registry', self._side_task_crashed),
             supervised(self._journal_loop(), 'journal', self._side_task_crashed),
+            supervised(self._reaper_loop(), 'reaper', self._side_task_crashed),
         ]
         try:
             await self._receive_loop()
@@ -312,6 +314,14 @@ class Worker:
                 )
             )
             await asyncio.sleep(self.attempts.heartbeat_interval_s)
+
+    async def _reaper_loop(self) -> None:
+        """Abandon expired leases every lease period, in case their run worker is gone too."""
+        while True:
+            await asyncio.sleep(self.settings.lease_s)
+            reaped = await self._store_call(self.store.reap_expired())
+            if reaped:
+                self.log.info('leases_reaped', keys=reaped)
 
     async def _journal_loop(self) -> None:
         while True:

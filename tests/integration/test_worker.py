@@ -25,7 +25,7 @@ from dagster_taskiq import message
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import SqsQueue, bootstrap_queues, open_queue
 from dagster_taskiq.step_process import StepOutcome
-from dagster_taskiq.store import StepState, Store
+from dagster_taskiq.store import Claimed, StepState, Store
 from dagster_taskiq.worker import Worker, WorkerOptions
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
 from tests.waiting import eventually
@@ -420,3 +420,19 @@ async def test_a_worker_cut_off_from_sqs_keeps_its_lease_and_finishes(
             await harness.reaches(task, StepState.COMPLETED)
             assert running.runner.runs[0].stopped_by is None
             await running.stop()
+
+
+async def test_a_worker_reaps_leases_left_to_expire_by_anyone(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    """An attempt whose worker and run worker are both gone would stay RUNNING forever."""
+    task = await harness.enqueue()
+    await harness.queue.receive(1, wait_s=1)  # its message is someone else's, in flight
+    ghost = await harness.db.claim(task.idempotency_key, worker_id='ghost', lease_s=0.1)
+    assert isinstance(ghost, Claimed)
+    await start_worker()
+    await harness.reaches(task, StepState.ABANDONED)
+    row = await harness.db.get_execution(task.idempotency_key)
+    assert row is not None and 'ghost' in row['error'] and 'reaped' in row['error']
+    [logged] = await harness.db.list_log(task.run_id)
+    assert logged['outcome'] == 'ABANDONED'

@@ -143,3 +143,20 @@ SELECT * FROM scaling_events WHERE service = :service ORDER BY at, id
 
 -- name: schema_version
 SELECT version_num FROM dagster_taskiq_alembic_version
+
+-- name: reap_expired
+-- Every RUNNING attempt whose lease expired more than the grace ago, whoever owned it: the run
+-- worker that would abandon it through its health check may be gone too. Same effect as abandon.
+WITH abandoned AS (
+  UPDATE step_executions
+  SET state = 'ABANDONED', ended_at = now(),
+      error = format('lease of worker %s (token %s) expired at %s (reaped)', owner, lease_token, lease_expires_at)
+  WHERE state = 'RUNNING' AND lease_expires_at + make_interval(secs => :grace_s) <= now()
+  RETURNING idempotency_key, lease_token, error
+), closed AS (
+  UPDATE execution_log AS log
+  SET outcome = 'ABANDONED', ended_at = now(), error = abandoned.error
+  FROM abandoned
+  WHERE log.idempotency_key = abandoned.idempotency_key AND log.lease_token = abandoned.lease_token
+)
+SELECT idempotency_key FROM abandoned
