@@ -66,11 +66,18 @@ def keep_storage_connections(instance: DagsterInstance) -> None:
     dagster-postgres connects anew for every call (NullPool): ~5 ms of PostgreSQL's CPU each. The
     run worker polls the event log every `sleep_seconds` and a step process writes ~12 events, so
     on a 2-core machine those connections cost more than the steps. The engines that replace
-    Dagster's are the ones its webserver uses (no statement timeout here).
+    Dagster's are the ones its webserver uses (no statement timeout here). A kept connection must
+    survive a database restart or a reset connection, or the run worker dies with the run
+    unfinished: each checkout pings it first, and a dead one is replaced (dagster-postgres has no
+    option for it, so the pools get SQLAlchemy's pre-ping flag; a ping is one `SELECT 1`).
     """
     instance.optimize_for_webserver(
         statement_timeout=0, pool_recycle=-1, max_overflow=EXTRA_STORAGE_CONNECTIONS
     )
+    for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
+        engine = getattr(storage, '_engine', None)
+        if engine is not None:
+            engine.pool._pre_ping = True
 
 
 def warm_up() -> None:

@@ -163,3 +163,45 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
     assert logged == expected
     if cut == 'sqs':  # the cut took effect: the message's visibility could not be extended
         assert events(partitioned.log(), 'visibility_not_extended')
+
+
+def test_a_database_reset_under_the_run_and_the_workers(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """Every connection to the database reset mid-run (the run worker's kept storage
+    connections, the workers' and the step process's): the run still finishes, nothing is left
+    RUNNING."""
+    stack.start_workers(1, 1)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'recorded_job', recorded_config(4))
+        row = wait_until(
+            lambda: stack.rows(
+                "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
+                step=STEP,
+            ),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the step running',
+        )[0]
+        wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
+        [reset] = stack.rows(
+            'SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity'
+            ' WHERE datname = current_database() AND pid <> pg_backend_pid()'
+        )
+        assert reset['n'] >= 3  # the run worker's, the worker's, the step process's at least
+        ok, run_id = outcome.result(timeout=120)
+    assert ok
+    # the op's own connection was reset too: its attempt may have failed and been retried
+    assert {state for _, _, state in attempts(stack, run_id)} <= {
+        'COMPLETED',
+        'FAILED',
+        'ABANDONED',
+    }
+    assert (
+        stack.rows(
+            "SELECT 1 FROM step_executions WHERE run_id = %(run_id)s AND state = 'RUNNING'",
+            run_id=run_id,
+        )
+        == []
+    )
+    assert step_successes(instance, run_id, STEP) == 1
+    assert_no_overlap(op_runs(stack, run_id))
