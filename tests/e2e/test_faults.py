@@ -58,6 +58,18 @@ def assert_no_overlap(runs: list[dict[str, Any]]) -> None:
         assert later['begun_at'] > dead_by, (earlier, later)
 
 
+def running_attempt(stack: Stack) -> dict[str, Any]:
+    """The RUNNING row of the recorded step, once there is one."""
+    return wait_until(
+        lambda: stack.rows(
+            "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
+            step=STEP,
+        ),
+        timeout_s=STEP_START_TIMEOUT_S,
+        what='the step running',
+    )[0]
+
+
 def step_successes(instance: DagsterInstance, run_id: str, step_key: str) -> int:
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records
     return sum(record.event_log_entry.step_key == step_key for record in records)
@@ -71,14 +83,7 @@ def test_a_frozen_workers_step_dies_by_itself_before_its_lease_expires(
     workers = stack.start_workers(2, 1)
     with ThreadPoolExecutor(1) as pool:
         outcome = pool.submit(run, instance, 'recorded_job', recorded_config(8, with_child=True))
-        row = wait_until(
-            lambda: stack.rows(
-                "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
-                step=STEP,
-            ),
-            timeout_s=STEP_START_TIMEOUT_S,
-            what='the step running',
-        )[0]
+        row = running_attempt(stack)
         [first] = wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
         [frozen] = [w for w in workers if w.worker_id == row['owner']]
         frozen.process.send_signal(signal.SIGSTOP)
@@ -142,14 +147,7 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
             proxies[worker.worker_id] = (proxy, worker)
         with ThreadPoolExecutor(1) as pool:
             outcome = pool.submit(run, instance, 'recorded_job', recorded_config(6))
-            row = wait_until(
-                lambda: stack.rows(
-                    "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
-                    step=STEP,
-                ),
-                timeout_s=STEP_START_TIMEOUT_S,
-                what='the step running',
-            )[0]
+            row = running_attempt(stack)
             cut_off, partitioned = proxies[row['owner']]
             cut_off.set_mode(Mode.DROP)
             ok, run_id = outcome.result(timeout=120)
@@ -174,14 +172,7 @@ def test_a_database_reset_under_the_run_and_the_workers(
     stack.start_workers(1, 1)
     with ThreadPoolExecutor(1) as pool:
         outcome = pool.submit(run, instance, 'recorded_job', recorded_config(4))
-        row = wait_until(
-            lambda: stack.rows(
-                "SELECT * FROM step_executions WHERE step_key = %(step)s AND state = 'RUNNING'",
-                step=STEP,
-            ),
-            timeout_s=STEP_START_TIMEOUT_S,
-            what='the step running',
-        )[0]
+        row = running_attempt(stack)
         wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
         [reset] = stack.rows(
             'SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity'

@@ -36,6 +36,17 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[-1]
 
 
+async def ready_env(settings: Settings, database_url: str) -> dict[str, str]:
+    """Variables for a worker that can start: a migrated store and an existing queue."""
+    store.upgrade(database_url)
+    await bootstrap_queues(settings)
+    return {
+        'DATABASE_URL': database_url,
+        'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': str(settings.aws_endpoint_url),
+        'DAGSTER_TASKIQ_QUEUE_NAME': settings.queue_name,
+    }
+
+
 @pytest.mark.parametrize(
     ('args', 'named'),
     [
@@ -115,13 +126,7 @@ def test_a_missing_queue_says_to_bootstrap(settings: Settings, database_url: str
 async def test_a_metrics_port_in_use_is_a_start_up_error(
     settings: Settings, database_url: str
 ) -> None:
-    store.upgrade(database_url)
-    await bootstrap_queues(settings)
-    env = {
-        'DATABASE_URL': database_url,
-        'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': str(settings.aws_endpoint_url),
-        'DAGSTER_TASKIQ_QUEUE_NAME': settings.queue_name,
-    }
+    env = await ready_env(settings, database_url)
     port = free_port()
     with socket.create_server(('0.0.0.0', port)):
         error = one_line_error(cli('worker', '--metrics-port', str(port), env=env))
@@ -132,13 +137,7 @@ async def test_a_metrics_port_in_use_is_a_start_up_error(
 async def test_a_preload_module_that_cannot_be_imported_is_refused(
     settings: Settings, database_url: str
 ) -> None:
-    store.upgrade(database_url)
-    await bootstrap_queues(settings)
-    env = {
-        'DATABASE_URL': database_url,
-        'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': str(settings.aws_endpoint_url),
-        'DAGSTER_TASKIQ_QUEUE_NAME': settings.queue_name,
-    }
+    env = await ready_env(settings, database_url)
     error = one_line_error(cli('worker', '--preload', 'no_such_module_here', env=env))
     assert '--preload module cannot be imported: no_such_module_here: ModuleNotFoundError' in error
 
