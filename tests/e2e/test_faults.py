@@ -93,12 +93,13 @@ def test_a_frozen_workers_step_dies_by_itself_before_its_lease_expires(
                 timeout_s=2 * LEASE_S,
                 what='the step process to kill itself',
             )
-            [lease] = stack.rows(
-                'SELECT lease_expires_at > now() AS live FROM step_executions'
-                ' WHERE idempotency_key = %(key)s',
+            [lease] = stack.rows(  # nothing renews it while its worker is frozen
+                'SELECT lease_expires_at FROM step_executions WHERE idempotency_key = %(key)s',
                 key=row['idempotency_key'],
             )
-            assert lease['live']  # it died while its lease still held
+            [killed] = op_runs(stack, row['run_id'])  # its last sign of life, on the DB's clock
+            dead_by = killed['alive_at'] + timedelta(seconds=ALIVE_INTERVAL_S)
+            assert dead_by < lease['lease_expires_at']  # it died while its lease still held
             wait_until(lambda: not pid_alive(first['child_pid']), what='the op child to die')
             ok, run_id = outcome.result(timeout=120)
         finally:

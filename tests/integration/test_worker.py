@@ -6,6 +6,7 @@ same worker with real step processes.
 """
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class CallableStepRun:
     task: message.OpExecutionTask
     running: asyncio.Task[StepOutcome]
     stopped_by: str | None = None
+    stopped_at: float | None = None  # time.time(): PostgreSQL runs on this host, on this clock
     pid: int | None = None
     extensions: list[float] = field(default_factory=list)  # what the self-guard was granted
 
@@ -74,6 +76,7 @@ class CallableStepRun:
     def _stop(self, how: str) -> None:
         if not self.running.done():
             self.stopped_by = self.stopped_by or how
+            self.stopped_at = self.stopped_at or time.time()
             self.running.cancel()
 
 
@@ -378,8 +381,9 @@ async def test_a_worker_cut_off_from_the_store_kills_its_step_before_the_lease_e
 
         await eventually(killed, what='the step killed (self-fenced)')
         row = await harness.db.get_execution(task.idempotency_key)  # straight to PostgreSQL
-        assert row is not None and row['state'] == 'RUNNING'
-        assert not row['lease_expired']  # killed while the lease still held: no overlap possible
+        assert row is not None and row['state'] == 'RUNNING'  # nothing renewed it since the cut
+        killed_at = running.runner.runs[0].stopped_at
+        assert killed_at is not None and killed_at < row['lease_expires_at'].timestamp()
         assert running.runner.runs[0].extensions  # the step's own guard was armed too
         await running.stop()
     finally:
