@@ -13,9 +13,10 @@ from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dagster import Field, IntSource, Noneable, StringSource, executor
+from dagster import DagsterRunStatus, Field, IntSource, Noneable, RunsFilter, StringSource, executor
 from dagster import _check as check
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.execution.context.system import PlanOrchestrationContext
 from dagster._core.execution.plan.plan import ExecutionPlan
@@ -45,6 +46,7 @@ T = TypeVar('T')
 DEFAULT_SLEEP_SECONDS = 0.05  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 LIVE_WORKER_WINDOW_S = 60.0
+STOPPING_STATUSES = {DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED}
 # executor config keys named as the Settings fields they set; absent keys fall back to the
 # DAGSTER_TASKIQ_* / AWS_* variables
 _SETTINGS_FIELDS = ('queue_url', 'queue_name', 'aws_endpoint_url', 'aws_region', 'database_url')
@@ -178,6 +180,13 @@ class SqsStepHandler(StepHandler):
         return await queue.send(body, attributes)
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        run_id = step_handler_context.execute_step_args.run_id
+        # not get_run_by_id: it reflects the runs table's columns (catalog queries) on every call
+        runs = step_handler_context.instance.get_runs(RunsFilter(run_ids=[run_id]), limit=1)
+        if runs and runs[0].status in STOPPING_STATUSES:
+            # Its run worker has not been interrupted yet: nothing more is launched, and
+            # TaskiqExecutor.execute cancels what is in flight.
+            raise DagsterExecutionInterruptedError(f'run {run_id} is {runs[0].status.value}')
         task = message.build_task(
             step_handler_context.execute_step_args,
             job_name=step_handler_context.dagster_run.job_name,
@@ -254,6 +263,10 @@ class SqsStepHandler(StepHandler):
 
     # ----- terminate -----
 
+    def cancel_run(self, run_id: str) -> None:
+        """Cancel every attempt of the run still queued or running (the run is being stopped)."""
+        self._run(self._store.cancel_run(run_id, reason='run terminated'))
+
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         step_key, _, key = message.step_identity(step_handler_context.execute_step_args)
         cancelled = self._run(self._store.cancel(key, reason='run terminated'))
@@ -278,6 +291,9 @@ class TaskiqExecutor(StepDelegatingExecutor):
         self.sqs_step_handler.prepare()
         try:
             yield from super().execute(plan_context, execution_plan)
+        except DagsterExecutionInterruptedError:
+            self.sqs_step_handler.cancel_run(plan_context.run_id)
+            raise
         finally:
             self.sqs_step_handler.close()
 

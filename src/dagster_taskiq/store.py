@@ -353,6 +353,17 @@ class Store:
 
         return await self._run(cancel_and_close)
 
+    async def cancel_run(self, run_id: str, *, reason: str) -> int:
+        """Cancel every QUEUED or RUNNING attempt of a run; how many were."""
+
+        async def cancel_and_close(connection: AsyncConnection) -> int:
+            params = {'run_id': run_id, 'reason': reason}
+            cancelled = (await connection.execute(QUERIES['cancel_run'], params)).all()
+            await connection.execute(QUERIES['close_cancelled_starts_of_run'], {'run_id': run_id})
+            return len(cancelled)
+
+        return await self._run(cancel_and_close)
+
     async def get_execution(self, key: str) -> RowMapping | None:
         """The attempt's row, with computed `lease_expired`, `abandonable` and `age_s`; None for an
         unknown key."""

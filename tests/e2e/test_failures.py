@@ -258,3 +258,37 @@ def test_a_poll_cut_short_by_sigterm_gives_its_message_back(stack: Stack) -> Non
     response = client.receive_message(QueueUrl=stack.urls.queue_url, WaitTimeSeconds=1)
     assert [m['Body'] for m in response.get('Messages', [])] == ['sent during the stop']
     assert len(events(stopping.log(), 'message_given_back')) == 1
+
+
+def test_a_run_marked_canceling_launches_nothing_more(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """The run is marked CANCELING while a step runs, and its run worker is not (yet) signalled:
+    the next step must not be launched, and the run ends CANCELED with no attempt left open."""
+    stack.start_worker(concurrency=1)
+    tag = uuid.uuid4().hex
+    runner = subprocess.Popen(
+        [sys.executable, '-m', 'tests.e2e.run_job', 'slow_job', json.dumps(slow_config(3)), tag],
+        env=os.environ.copy(),
+    )
+    try:
+        dagster_run = wait_until(
+            lambda: instance.get_runs(RunsFilter(tags={'e2e': tag})),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the run',
+        )[0]
+        wait_until(
+            lambda: step_events(instance, dagster_run.run_id, DagsterEventType.STEP_START),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the slow step to start in Dagster',
+        )
+        instance.report_run_canceling(dagster_run)
+        assert runner.wait(120) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert instance.get_run_by_id(dagster_run.run_id).status == DagsterRunStatus.CANCELED
+    launched = [step for step, _, _ in attempts(stack, dagster_run.run_id)]
+    assert launched == ['sleep_then_return']  # add_one, ready after CANCELING, was not launched
+    assert all(r['outcome'] is not None for r in stack.log_rows(dagster_run.run_id))  # none open

@@ -325,3 +325,23 @@ async def test_a_cancel_racing_a_claim_never_leaves_a_log_row_open(db: Store) ->
     assert [(r['outcome'], r['ended_at'] is not None) for r in await log_rows(db)] == [
         ('CANCELLED', True)
     ]
+
+
+async def test_cancel_run_stops_what_is_queued_or_running_and_closes_its_starts(db: Store) -> None:
+    for key in ('run-1:queued:0', 'run-1:running:0', 'run-1:done:0', 'run-2:other:0'):
+        await enqueue(db, key)
+    for key in ('run-1:running:0', 'run-1:done:0'):
+        assert isinstance(await db.claim(key, worker_id='w1', lease_s=LONG_LEASE_S), Claimed)
+    [done] = [r for r in await db.list_executions('run-1') if r['step_key'] == 'done']
+    assert await db.finish(
+        done['idempotency_key'], token=done['lease_token'], outcome=StepState.COMPLETED
+    )
+    assert await db.cancel_run('run-1', reason='run terminated') == 2
+    states = {r['step_key']: r['state'] for r in await db.list_executions('run-1')}
+    assert states == {'queued': 'CANCELLED', 'running': 'CANCELLED', 'done': 'COMPLETED'}
+    assert {(r['step_key'], r['outcome']) for r in await log_rows(db)} == {
+        ('running', 'CANCELLED'),
+        ('done', 'COMPLETED'),
+    }
+    [other] = await db.list_executions('run-2')
+    assert other['state'] == 'QUEUED'

@@ -160,3 +160,19 @@ WITH abandoned AS (
   WHERE log.idempotency_key = abandoned.idempotency_key AND log.lease_token = abandoned.lease_token
 )
 SELECT idempotency_key FROM abandoned
+
+-- name: cancel_run
+-- Every attempt of a run still queued or running; then close_cancelled_starts_of_run, as a
+-- statement of its own (see cancel).
+UPDATE step_executions
+SET state = 'CANCELLED', ended_at = now(), error = :reason
+WHERE run_id = :run_id AND state IN ('QUEUED', 'RUNNING')
+RETURNING idempotency_key
+
+-- name: close_cancelled_starts_of_run
+UPDATE execution_log AS log
+SET outcome = 'CANCELLED', ended_at = now()
+FROM step_executions AS attempt
+WHERE log.run_id = :run_id AND log.outcome IS NULL
+  AND attempt.idempotency_key = log.idempotency_key AND attempt.lease_token = log.lease_token
+  AND attempt.state = 'CANCELLED'
