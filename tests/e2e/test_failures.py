@@ -166,11 +166,21 @@ def test_malformed_and_forged_messages_go_to_the_dlq(
     assert ok  # the worker kept serving
 
 
-def test_terminating_a_run_stops_its_running_step(stack: Stack, instance: DagsterInstance) -> None:
-    worker = stack.start_worker(concurrency=1)
+def start_slow_run(
+    instance: DagsterInstance, seconds: float
+) -> tuple[subprocess.Popen[bytes], Any]:
+    """slow_job in a run worker process of its own (as a run launcher starts one), once its slow
+    step has started in Dagster."""
     tag = uuid.uuid4().hex
     runner = subprocess.Popen(
-        [sys.executable, '-m', 'tests.e2e.run_job', 'slow_job', json.dumps(slow_config(60)), tag],
+        [
+            sys.executable,
+            '-m',
+            'tests.e2e.run_job',
+            'slow_job',
+            json.dumps(slow_config(seconds)),
+            tag,
+        ],
         env=os.environ.copy(),
     )
     try:
@@ -184,6 +194,17 @@ def test_terminating_a_run_stops_its_running_step(stack: Stack, instance: Dagste
             timeout_s=STEP_START_TIMEOUT_S,
             what='the slow step to start in Dagster',
         )
+    except BaseException:
+        runner.kill()
+        runner.wait()
+        raise
+    return runner, dagster_run
+
+
+def test_terminating_a_run_stops_its_running_step(stack: Stack, instance: DagsterInstance) -> None:
+    worker = stack.start_worker(concurrency=1)
+    runner, dagster_run = start_slow_run(instance, seconds=60)
+    try:
         pid = step_pid(worker, 'sleep_then_return')
         # What Dagster's run launcher does to terminate a run: mark it, then interrupt its worker.
         instance.report_run_canceling(dagster_run)
@@ -266,22 +287,8 @@ def test_a_run_marked_canceling_launches_nothing_more(
     """The run is marked CANCELING while a step runs, and its run worker is not (yet) signalled:
     the next step must not be launched, and the run ends CANCELED with no attempt left open."""
     stack.start_worker(concurrency=1)
-    tag = uuid.uuid4().hex
-    runner = subprocess.Popen(
-        [sys.executable, '-m', 'tests.e2e.run_job', 'slow_job', json.dumps(slow_config(3)), tag],
-        env=os.environ.copy(),
-    )
+    runner, dagster_run = start_slow_run(instance, seconds=3)
     try:
-        dagster_run = wait_until(
-            lambda: instance.get_runs(RunsFilter(tags={'e2e': tag})),
-            timeout_s=STEP_START_TIMEOUT_S,
-            what='the run',
-        )[0]
-        wait_until(
-            lambda: step_events(instance, dagster_run.run_id, DagsterEventType.STEP_START),
-            timeout_s=STEP_START_TIMEOUT_S,
-            what='the slow step to start in Dagster',
-        )
         instance.report_run_canceling(dagster_run)
         assert runner.wait(120) == 0
     finally:
