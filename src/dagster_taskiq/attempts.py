@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dagster_taskiq import journal
-from dagster_taskiq.errors import DagsterTaskiqError, StoreUnavailable, TransportError
+from dagster_taskiq.errors import StoreUnavailable, TransportError
 from dagster_taskiq.logs import FilteringBoundLogger
 from dagster_taskiq.message import OpExecutionTask
 from dagster_taskiq.metrics import WorkerMetrics
@@ -51,14 +51,21 @@ def kill_deadline(sent_at: float, lease_s: float) -> float:
     return sent_at + lease_s * (1 - KILL_MARGIN_FRACTION)
 
 
-async def logged_failure(
-    call: Awaitable[T], errors: type[DagsterTaskiqError], logger: FilteringBoundLogger, event: str
-) -> T | None:
-    """`call`'s result, or None when it raised one of `errors` (logged as `event`)."""
+async def store_call(call: Awaitable[T], logger: FilteringBoundLogger) -> T | None:
+    """A store call whose failure (StoreUnavailable) is logged and otherwise ignored."""
     try:
         return await call
-    except errors as error:
-        logger.warning(event, error=str(error))
+    except StoreUnavailable as error:
+        logger.warning('store_call_failed', error=str(error))
+        return None
+
+
+async def queue_call(call: Awaitable[T], logger: FilteringBoundLogger) -> T | None:
+    """An SQS call whose failure is logged and otherwise ignored (the lease decides)."""
+    try:
+        return await call
+    except TransportError as error:
+        logger.warning('queue_call_failed', error=str(error))
         return None
 
 
@@ -116,15 +123,15 @@ class AttemptSupervisor:
             await self._finish(step, outcome, duration_s)
         else:
             log_step(self.log, task, 'step_stopped', reason=stop_reason, duration_s=duration_s)
-        await self._queue_call(self.queue.delete(received.receipt_handle))
+        await queue_call(self.queue.delete(received.receipt_handle), self.log)
 
     async def release(self, step: RunningStep) -> None:
         """Give an unfinished attempt back: stop its process, end its lease, make it visible."""
         step.released = True
         step.run.kill()  # no Dagster events: the attempt is abandoned and retried
         key = step.task.idempotency_key
-        await self._store_call(self.store.expire_lease(key, token=step.token))
-        await self._queue_call(self.queue.change_visibility(step.received.receipt_handle, 0))
+        await store_call(self.store.expire_lease(key, token=step.token), self.log)
+        await queue_call(self.queue.change_visibility(step.received.receipt_handle, 0), self.log)
         duration_s = time.monotonic() - step.started_at
         log_step(self.log, step.task, 'step_released', duration_s=duration_s)
 
@@ -216,10 +223,3 @@ class AttemptSupervisor:
         (self.metrics.completed if outcome.succeeded else self.metrics.failed).inc()
         event = 'step_finished' if finished else 'step_finish_refused'
         log_step(self.log, step.task, event, outcome=str(state), duration_s=duration_s)
-
-    async def _store_call(self, call: Awaitable[T]) -> T | None:
-        return await logged_failure(call, StoreUnavailable, self.log, 'store_call_failed')
-
-    async def _queue_call(self, call: Awaitable[T]) -> T | None:
-        """An SQS call whose failure is logged and otherwise ignored (the lease decides)."""
-        return await logged_failure(call, TransportError, self.log, 'queue_call_failed')

@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dagster import DagsterRunStatus, Field, IntSource, Noneable, RunsFilter, StringSource, executor
+from dagster import DagsterRunStatus, Field, IntSource, Noneable, StringSource, executor
 from dagster import _check as check
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
 from dagster._core.errors import DagsterExecutionInterruptedError
@@ -35,7 +35,7 @@ from sqlalchemy.engine import RowMapping
 from dagster_taskiq import message
 from dagster_taskiq.errors import DagsterTaskiqError
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
+from dagster_taskiq.step_process import TERMINAL_EVENTS, find_run, keep_storage_connections
 from dagster_taskiq.store import StepState, Store
 
 if TYPE_CHECKING:
@@ -181,12 +181,11 @@ class SqsStepHandler(StepHandler):
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         run_id = step_handler_context.execute_step_args.run_id
-        # not get_run_by_id: it reflects the runs table's columns (catalog queries) on every call
-        runs = step_handler_context.instance.get_runs(RunsFilter(run_ids=[run_id]), limit=1)
-        if runs and runs[0].status in STOPPING_STATUSES:
+        run = find_run(step_handler_context.instance, run_id)
+        if run is not None and run.status in STOPPING_STATUSES:
             # Its run worker has not been interrupted yet: nothing more is launched, and
             # TaskiqExecutor.execute cancels what is in flight.
-            raise DagsterExecutionInterruptedError(f'run {run_id} is {runs[0].status.value}')
+            raise DagsterExecutionInterruptedError(f'run {run_id} is {run.status.value}')
         task = message.build_task(
             step_handler_context.execute_step_args,
             job_name=step_handler_context.dagster_run.job_name,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, Definitions, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, Definitions, RunsFilter
 from dagster._cli.api import _execute_step_command_body
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
@@ -80,6 +80,12 @@ def keep_storage_connections(instance: DagsterInstance) -> None:
             engine.pool._pre_ping = True
 
 
+def find_run(instance: DagsterInstance, run_id: str) -> DagsterRun | None:
+    """The run, in one query (get_run_by_id reflects the runs table's columns on every call)."""
+    runs = instance.get_runs(RunsFilter(run_ids=[run_id]), limit=1)
+    return runs[0] if runs else None
+
+
 def warm_up() -> None:
     """Do in the forkserver, once, what every step process forked from it would otherwise redo.
 
@@ -114,9 +120,7 @@ def _instance(args: ExecuteStepArgs) -> Iterator[DagsterInstance]:
 def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
     with _instance(args) as instance:
         keep_storage_connections(instance)
-        # not get_run_by_id: it reflects the runs table's columns (catalog queries) on every call
-        runs = instance.get_runs(RunsFilter(run_ids=[args.run_id]), limit=1)
-        run = runs[0] if runs else None
+        run = find_run(instance, args.run_id)
         if run is None:
             outcome.error = f'run {args.run_id} not found in the Dagster instance'
             return

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dagster_taskiq import journal, message
-from dagster_taskiq.attempts import STOP_GRACE_S, AttemptSupervisor, log_step, logged_failure
+from dagster_taskiq.attempts import (
+    STOP_GRACE_S,
+    AttemptSupervisor,
+    log_step,
+    queue_call,
+    store_call,
+)
 from dagster_taskiq.defaults import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -144,7 +150,7 @@ class Worker:
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            await self._store_call(self.store.worker_stopped(self.worker_id))
+            await store_call(self.store.worker_stopped(self.worker_id), self.log)
             self.log.info('worker_stopped')
 
     def request_stop(self, why: str) -> None:
@@ -249,7 +255,7 @@ class Worker:
             return
         for item in received:
             self.log.info('message_given_back', message_id=item.message_id)
-            await self._queue_call(self.queue.change_visibility(item.receipt_handle, 0))
+            await queue_call(self.queue.change_visibility(item.receipt_handle, 0), self.log)
 
     def _message_done(self, task: asyncio.Task[None]) -> None:
         self.message_tasks.discard(task)
@@ -274,8 +280,9 @@ class Worker:
             )
         except StoreUnavailable as error:
             log_step(self.log, task, 'claim_deferred', error=str(error))
-            await self._queue_call(
-                self.queue.change_visibility(received.receipt_handle, STORE_RETRY_VISIBILITY_S)
+            await queue_call(
+                self.queue.change_visibility(received.receipt_handle, STORE_RETRY_VISIBILITY_S),
+                self.log,
             )
             return
         if isinstance(claim, Claimed):
@@ -286,11 +293,11 @@ class Worker:
             await self._dead_letter(received, f'unknown attempt key {key}')
             return
         if claim.state is StepState.RUNNING and claim.abandonable and claim.token is not None:
-            reason = await self._store_call(self.store.abandon(key, token=claim.token))
+            reason = await store_call(self.store.abandon(key, token=claim.token), self.log)
             log_step(self.log, task, 'step_abandoned', reason=reason, previous_owner=claim.owner)
         self.metrics.duplicates.inc()
         log_step(self.log, task, 'delivery_refused', state=str(claim.state), owner=claim.owner)
-        await self._queue_call(self.queue.delete(received.receipt_handle))
+        await queue_call(self.queue.delete(received.receipt_handle), self.log)
 
     async def _dead_letter(self, received: Received, reason: str) -> None:
         self.metrics.dead_lettered.inc()
@@ -300,18 +307,19 @@ class Worker:
         except TransportError as error:
             self.log.error('dead_letter_failed', reason=reason, error=str(error))
             return  # keep the message: it comes back, and SQS's own redrive takes it eventually
-        await self._queue_call(self.queue.delete(received.receipt_handle))
+        await queue_call(self.queue.delete(received.receipt_handle), self.log)
 
     # ----- side tasks -----
 
     async def _registry_loop(self) -> None:
         while True:
-            await self._store_call(
+            await store_call(
                 self.store.worker_seen(
                     self.worker_id,
                     concurrency=self.options.concurrency,
                     running=len(self.attempts.running),
-                )
+                ),
+                self.log,
             )
             await asyncio.sleep(self.attempts.heartbeat_interval_s)
 
@@ -319,7 +327,7 @@ class Worker:
         """Abandon expired leases every lease period, in case their run worker is gone too."""
         while True:
             await asyncio.sleep(self.settings.lease_s)
-            reaped = await self._store_call(self.store.reap_expired())
+            reaped = await store_call(self.store.reap_expired(), self.log)
             if reaped:
                 self.log.info('leases_reaped', keys=reaped)
 
@@ -335,12 +343,6 @@ class Worker:
                 if written:
                     self.log.info('journal_reconciled', outcomes=written)
             await asyncio.sleep(self.attempts.heartbeat_interval_s)
-
-    async def _store_call(self, call: Awaitable[T]) -> T | None:
-        return await logged_failure(call, StoreUnavailable, self.log, 'store_call_failed')
-
-    async def _queue_call(self, call: Awaitable[T]) -> T | None:
-        return await logged_failure(call, TransportError, self.log, 'queue_call_failed')
 
 
 async def serve(settings: Settings, options: WorkerOptions) -> None:
