@@ -52,7 +52,33 @@ def database_url() -> Iterator[str]:
         connection.execute(sql.SQL('CREATE SCHEMA {}').format(sql.Identifier(schema)))
     yield str(make_url(BASE_DATABASE_URL).update_query_dict({'options': f'-csearch_path={schema}'}))
     with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute(sql.SQL('DROP SCHEMA {} CASCADE').format(sql.Identifier(schema)))
+        _drop_schema(connection, schema)
+
+
+def _drop_schema(connection: psycopg.Connection, schema: str) -> None:
+    """Drop `schema`; a connection the test left holding its locks is ended and reported."""
+    drop = sql.SQL('DROP SCHEMA {} CASCADE').format(sql.Identifier(schema))
+    connection.execute("SET lock_timeout = '5s'")
+    try:
+        connection.execute(drop)
+        return
+    except psycopg.errors.LockNotAvailable:
+        holders = connection.execute(LOCK_HOLDERS, {'schema': schema}).fetchall()
+        connection.execute(
+            'SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid',
+            [[pid for pid, _, _ in holders]],
+        )
+        connection.execute("SET lock_timeout = '30s'")
+        connection.execute(drop)
+    pytest.fail(f'the test left connections holding locks in its schema: {holders}')
+
+
+LOCK_HOLDERS = """
+SELECT DISTINCT a.pid, a.state, a.query FROM pg_locks l
+JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE n.nspname = %(schema)s AND l.granted AND a.pid <> pg_backend_pid()
+"""
 
 
 @pytest.fixture

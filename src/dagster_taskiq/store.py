@@ -39,7 +39,6 @@ from dagster_taskiq.sql import MIGRATIONS_DIR, VERSION_TABLE, load_queries
 QUERIES = {name: text(sql) for name, sql in load_queries().items()}
 T = TypeVar('T')
 # Transactions given up on (timed out or their caller cancelled), still being cancelled
-_LET_GO: set['asyncio.Task[Any]'] = set()
 _POSTGRES_DRIVERS = {'postgres', 'postgresql', 'postgresql+psycopg', 'postgresql+psycopg2'}
 
 
@@ -97,19 +96,6 @@ CONNECT_ARGS = {
 }
 
 
-def _let_go(task: 'asyncio.Task[Any]') -> None:
-    """Cancel `task` without waiting for it; keep it referenced until it is done."""
-    task.cancel()
-    _LET_GO.add(task)
-    task.add_done_callback(_forget)
-
-
-def _forget(task: 'asyncio.Task[Any]') -> None:
-    _LET_GO.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: the caller has long had its StoreUnavailable
-
-
 def async_engine(database_url: str) -> AsyncEngine:
     return create_async_engine(
         store_url(database_url), pool_pre_ping=True, connect_args=CONNECT_ARGS
@@ -164,6 +150,7 @@ class Store:
         self.breaker = breaker
         self.call_timeout_s = call_timeout_s  # no call waits longer (packets dropped, say)
         self.abandon_grace_s = abandon_grace_s  # an expired lease is abandoned this much later
+        self._let_go_calls: set[asyncio.Task[Any]] = set()  # cancelled, not yet ended
 
     @classmethod
     def connect(
@@ -183,7 +170,25 @@ class Store:
         )
 
     async def close(self) -> None:
+        """Close the engine once the calls let go have ended (within `call_timeout_s`).
+
+        A call let go is still cancelling its statement on the server; disposing the engine
+        under it would leave its connection, and any transaction open on it, behind.
+        """
+        if self._let_go_calls:
+            await asyncio.wait(self._let_go_calls, timeout=self.call_timeout_s)
         await self.engine.dispose()
+
+    def _let_go(self, task: 'asyncio.Task[Any]') -> None:
+        """Cancel `task` without waiting for it; keep it referenced until it is done."""
+        task.cancel()
+        self._let_go_calls.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: 'asyncio.Task[Any]') -> None:
+        self._let_go_calls.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller has long had its StoreUnavailable
 
     async def check_schema(self) -> None:
         """ConfigError unless every migration is applied (StoreUnavailable: no database)."""
@@ -217,10 +222,10 @@ class Store:
         try:
             done, _ = await asyncio.wait({task}, timeout=self.call_timeout_s)
         except asyncio.CancelledError:
-            _let_go(task)
+            self._let_go(task)
             raise
         if not done:
-            _let_go(task)
+            self._let_go(task)
             self.breaker.record_failure()
             raise StoreUnavailable(f'database did not answer within {self.call_timeout_s} s')
         try:

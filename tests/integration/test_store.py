@@ -345,3 +345,39 @@ async def test_cancel_run_stops_what_is_queued_or_running_and_closes_its_starts(
     }
     [other] = await db.list_executions('run-2')
     assert other['state'] == 'QUEUED'
+
+
+async def test_closing_the_store_ends_a_call_it_let_go(db: Store, database_url: str) -> None:
+    """A call cancelled while the database works on it must not outlive `close()`: its
+    connection, and the transaction on it, would hold locks nobody can release."""
+    await enqueue(db)
+    token = await claimed(db)
+    other = Store.connect(database_url)
+    async with db.engine.connect() as blocking:
+        transaction = await blocking.begin()
+        await blocking.execute(
+            store.QUERIES['heartbeat'], {'key': KEY, 'token': token, 'lease_s': 1}
+        )
+        heartbeat = asyncio.create_task(other.heartbeat(KEY, token=token, lease_s=LONG_LEASE_S))
+
+        blocked: list[int] = []  # the pid of the heartbeat's backend
+
+        async def heartbeat_blocked() -> bool:
+            async with db.engine.connect() as watcher:
+                found = await watcher.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+                blocked[:] = found.scalars().all()
+                return bool(blocked)
+
+        await eventually(heartbeat_blocked, what='the heartbeat blocked on the row lock')
+        heartbeat.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await heartbeat  # as a stopping worker awaits its cancelled tasks before closing
+        await other.close()
+        async with db.engine.connect() as watcher:
+            found = await watcher.exec_driver_sql(
+                f'SELECT state FROM pg_stat_activity WHERE pid = {blocked[0]}'
+            )
+            assert found.scalar() in (None, 'idle'), 'the call let go still runs on the server'
+        await transaction.rollback()
