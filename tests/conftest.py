@@ -37,7 +37,7 @@ def moto_server() -> Iterator[MotoServer]:
     server.stop()
 
 
-def _libpq_dsn(url: str) -> str:
+def libpq_dsn(url: str) -> str:
     return (
         make_url(url).set(drivername='postgresql', query={}).render_as_string(hide_password=False)
     )
@@ -47,7 +47,7 @@ def _libpq_dsn(url: str) -> str:
 def database_url() -> Iterator[str]:
     """A URL whose connections see only a fresh schema of their own, dropped after the test."""
     schema = f'test_{uuid.uuid4().hex[:12]}'
-    dsn = _libpq_dsn(BASE_DATABASE_URL)
+    dsn = libpq_dsn(BASE_DATABASE_URL)
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(sql.SQL('CREATE SCHEMA {}').format(sql.Identifier(schema)))
     yield str(make_url(BASE_DATABASE_URL).update_query_dict({'options': f'-csearch_path={schema}'}))
@@ -81,10 +81,23 @@ WHERE n.nspname = %(schema)s AND l.granted AND a.pid <> pg_backend_pid()
 """
 
 
+def migrate(database_url: str) -> None:
+    """The store's migrations and Dagster's event log tables (where `finish` writes the attempt's
+    terminal event), as in a database that Dagster's PostgreSQL storage also uses."""
+    from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
+
+    store.upgrade(database_url)
+    engine = store.sync_engine(database_url)
+    try:
+        SqlEventLogStorageMetadata.create_all(engine)
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Store]:
     """The store on a migrated private schema; it abandons an expired lease at once (no grace)."""
-    store.upgrade(database_url)
+    migrate(database_url)
     db = Store.connect(database_url, abandon_grace_s=0.0)
     yield db
     await db.close()

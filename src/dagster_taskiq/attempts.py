@@ -28,6 +28,7 @@ from dagster_taskiq.store import LeaseStatus, StepState, Store
 T = TypeVar('T')
 
 STOP_GRACE_S = 10.0  # how long an interrupted step process gets to write Dagster's events and exit
+CANCELLED_REASON = 'cancelled through Dagster'
 # The worker kills a step this share of its lease before the lease can expire (kill latency,
 # the request's time on the wire, clock rate differences); lease 30 s: 6 s before
 KILL_MARGIN_FRACTION = 0.2
@@ -123,6 +124,13 @@ class AttemptSupervisor:
             await self._finish(step, outcome, duration_s)
         else:
             log_step(self.log, task, 'step_stopped', reason=stop_reason, duration_s=duration_s)
+            if stop_reason == CANCELLED_REASON and outcome.dagster_event is not None:
+                await store_call(
+                    self.store.record_cancelled_event(
+                        task.idempotency_key, token=token, dagster_event=outcome.dagster_event
+                    ),
+                    self.log,
+                )
         await queue_call(self.queue.delete(received.receipt_handle), self.log)
 
     async def release(self, step: RunningStep) -> None:
@@ -164,7 +172,7 @@ class AttemptSupervisor:
                     deadline = kill_deadline(sent_at, self.settings.lease_s)
                     step.run.extend(deadline - time.monotonic())
                 elif status is LeaseStatus.CANCELLED:
-                    stop_reason = 'cancelled through Dagster'
+                    stop_reason = CANCELLED_REASON
                     step.run.interrupt()  # Dagster's interrupt handling records the termination
                     asyncio.get_running_loop().call_later(STOP_GRACE_S, step.run.kill)
                 elif status is LeaseStatus.LOST:
@@ -213,10 +221,17 @@ class AttemptSupervisor:
         key, token = step.task.idempotency_key, step.token
         try:
             finished = await self.store.finish(
-                key, token=token, outcome=state, error=outcome.error, effects=outcome.effects
+                key,
+                token=token,
+                outcome=state,
+                error=outcome.error,
+                effects=outcome.effects,
+                dagster_event=outcome.dagster_event,
             )
         except StoreUnavailable as error:
-            entry = journal.Entry(key, token, state, outcome.error, outcome.effects)
+            entry = journal.Entry(
+                key, token, state, outcome.error, outcome.effects, outcome.dagster_event
+            )
             journal.append(self.journal_dir, self.worker_id, entry)
             log_step(self.log, step.task, 'outcome_journaled', outcome=str(state), error=str(error))
             return

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dagster_taskiq.errors import StoreUnavailable
-from dagster_taskiq.store import StepState, Store
+from dagster_taskiq.store import DagsterEventRow, StepState, Store
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Entry:
     outcome: StepState
     error: str | None = None
     effects: Sequence[dict[str, Any]] = field(default_factory=list)
+    dagster_event: DagsterEventRow | None = None
 
 
 async def write(store: Store, entry: Entry) -> bool:
@@ -34,6 +35,7 @@ async def write(store: Store, entry: Entry) -> bool:
         outcome=entry.outcome,
         error=entry.error,
         effects=entry.effects,
+        dagster_event=entry.dagster_event,
     )
 
 

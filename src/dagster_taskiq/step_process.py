@@ -2,9 +2,11 @@
 
 The child executes exactly one step attempt through Dagster's own execute-step machinery (the body
 of `dagster api execute_step`) against the shared Dagster instance, then sends a `StepOutcome` to
-the worker over a pipe. SIGTERM reaches Dagster's interrupt handling, so a cancelled step ends with
-Dagster's own events. Ops may record side effects with `record_effect`; the worker writes them in
-the same transaction that marks the attempt COMPLETED (the transactional outbox).
+the worker over a pipe. Every event but the attempt's terminal one (success, failure or retry) goes
+to Dagster's event log as usual; that one travels in the outcome, and the worker writes it with the
+attempt's fenced finish, so Dagster records it only if the store does. SIGTERM reaches Dagster's
+interrupt handling. Ops may record side effects with `record_effect`; the worker writes them with
+the finish too (the transactional outbox).
 """
 
 import contextlib
@@ -21,13 +23,23 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRun, Definitions, RunsFilter
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    Definitions,
+    EventLogEntry,
+    RunsFilter,
+)
 from dagster._cli.api import _execute_step_command_body
+from dagster._core.events import DagsterEventBatchMetadata
 from dagster._grpc.types import ExecuteStepArgs
-from dagster._serdes import deserialize_value
+from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils.interrupts import capture_interrupts
 
 from dagster_taskiq.logs import get_logger
+from dagster_taskiq.message import step_identity
+from dagster_taskiq.store import DagsterEventRow
 
 log = get_logger(__name__)
 
@@ -46,10 +58,10 @@ _warm_instance: DagsterInstance | None = None
 @dataclass
 class StepOutcome:
     succeeded: bool = False
-    # Dagster's event log already holds this attempt's terminal event (success, failure or retry)
-    reported: bool = False
     error: str | None = None
     effects: list[dict[str, Any]] = field(default_factory=list)
+    # the attempt's terminal event, withheld from Dagster's event log for the worker's finish
+    dagster_event: DagsterEventRow | None = None
 
 
 def record_effect(name: str, payload: dict[str, Any]) -> None:
@@ -117,21 +129,52 @@ def _instance(args: ExecuteStepArgs) -> Iterator[DagsterInstance]:
         yield instance
 
 
+def _withhold_terminal_event(
+    instance: DagsterInstance, step_key: str, outcome: StepOutcome
+) -> None:
+    """Keep the attempt's terminal event out of Dagster's event log: it goes in `outcome`.
+
+    Were it written here, a step that finished while its worker was frozen or cut off would have
+    a STEP_SUCCESS in Dagster after its lease expired and its attempt was abandoned and retried.
+    """
+    store_event = instance.handle_new_event
+
+    def handle_new_event(
+        event: EventLogEntry, *, batch_metadata: DagsterEventBatchMetadata | None = None
+    ) -> None:
+        dagster_event = event.dagster_event
+        if (
+            dagster_event is not None
+            and dagster_event.step_key == step_key
+            and dagster_event.event_type in TERMINAL_EVENTS
+        ):
+            outcome.dagster_event = DagsterEventRow(
+                event=serialize_value(event),
+                event_type=dagster_event.event_type_value,
+                timestamp=event.timestamp,
+            )
+            return
+        store_event(event, batch_metadata=batch_metadata)
+
+    instance.handle_new_event = handle_new_event  # type: ignore[method-assign]
+
+
 def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
+    step_key, _, _ = step_identity(args)
     with _instance(args) as instance:
         keep_storage_connections(instance)
         run = find_run(instance, args.run_id)
         if run is None:
             outcome.error = f'run {args.run_id} not found in the Dagster instance'
             return
+        _withhold_terminal_event(instance, step_key, outcome)
         for event in _execute_step_command_body(args, instance, run):
             if event.event_type in TERMINAL_EVENTS:
-                outcome.reported = True
                 outcome.succeeded = event.event_type is DagsterEventType.STEP_SUCCESS
                 if not outcome.succeeded:
                     error = getattr(event.event_specific_data, 'error', None)
                     outcome.error = error.to_string() if error else event.message
-    if not outcome.reported and outcome.error is None:
+    if outcome.dagster_event is None and outcome.error is None:
         outcome.error = 'Dagster did not execute the step (already started, or the run has ended)'
 
 

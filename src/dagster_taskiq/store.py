@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy import create_engine, text
@@ -55,6 +55,14 @@ class LeaseStatus(StrEnum):
     RENEWED = 'RENEWED'
     CANCELLED = 'CANCELLED'  # terminated through Dagster: the owner must interrupt the step
     LOST = 'LOST'  # the token is stale (abandoned, finished, or never ours): stop, write nothing
+
+
+class DagsterEventRow(TypedDict):
+    """An attempt's terminal event for Dagster's event log, written with the attempt's finish."""
+
+    event: str  # the serialized EventLogEntry, as dagster-postgres stores it
+    event_type: str  # STEP_SUCCESS, STEP_FAILURE or STEP_UP_FOR_RETRY
+    timestamp: float  # the entry's own, seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,16 @@ def upgrade(database_url: str) -> list[str]:
     return [f'{r.revision}: {(r.doc or "").splitlines()[0]}' for r in reversed(list(applied))]
 
 
+def _event_params(dagster_event: DagsterEventRow | None) -> dict[str, Any]:
+    if dagster_event is None:
+        return {'event': None, 'event_type': None, 'event_timestamp': None}
+    return {
+        'event': dagster_event['event'],
+        'event_type': dagster_event['event_type'],
+        'event_timestamp': dagster_event['timestamp'],
+    }
+
+
 class Store:
     """The idempotency store on one async engine; every call is counted by `breaker`."""
 
@@ -147,6 +165,7 @@ class Store:
         abandon_grace_s: float = DEFAULT_ABANDON_GRACE_S,
     ) -> None:
         self.engine = engine
+        self._autocommit_engine = engine.execution_options(isolation_level='AUTOCOMMIT')
         self.breaker = breaker
         self.call_timeout_s = call_timeout_s  # no call waits longer (packets dropped, say)
         self.abandon_grace_s = abandon_grace_s  # an expired lease is abandoned this much later
@@ -206,16 +225,31 @@ class Store:
         if current != head:
             raise ConfigError(f'the store is at migration {current}, not {head}: {upgrade_hint}')
 
-    async def _run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """`work` in one transaction, answered within `call_timeout_s` or StoreUnavailable.
+    async def check_dagster_event_log(self) -> None:
+        """ConfigError unless Dagster's event log is in the store's database (a worker's finish
+        writes the attempt's terminal event there)."""
+        event_log = await self._first('dagster_event_log')
+        if event_log is None or event_log['event_logs'] is None:
+            raise ConfigError(
+                "Dagster's event log (table event_logs) is not in the store's database: the "
+                "store must be in the database of Dagster's PostgreSQL storage, where each "
+                "attempt's terminal event is written with its finish"
+            )
+
+    async def _run(
+        self, work: Callable[[AsyncConnection], Awaitable[T]], *, autocommit: bool = False
+    ) -> T:
+        """`work` in one transaction (each statement its own with `autocommit`), answered within
+        `call_timeout_s` or StoreUnavailable.
 
         The transaction runs as a task of its own, which a timeout (or the caller's own
         cancellation) cancels without waiting for: psycopg's cancellation waits for the server to
         acknowledge it, which a link that drops packets never does.
         """
+        engine = self._autocommit_engine if autocommit else self.engine
 
         async def transaction() -> T:
-            async with self.engine.begin() as connection:
+            async with engine.begin() as connection:
                 return await work(connection)
 
         task = asyncio.ensure_future(transaction())
@@ -303,25 +337,36 @@ class Store:
         outcome: StepState,
         error: str | None = None,
         effects: Sequence[Mapping[str, Any]] = (),
+        dagster_event: DagsterEventRow | None = None,
     ) -> bool:
         """Record COMPLETED or FAILED for the holder of `token`; False when the token is stale.
 
-        `effects` (name, payload) are written in the same transaction, and only if this call wins.
+        `effects` (name, payload) and the attempt's terminal `dagster_event` are written by the
+        same statement, and only if it wins.
         """
         if outcome not in (StepState.COMPLETED, StepState.FAILED):
             raise ValueError(f'an attempt finishes COMPLETED or FAILED, not {outcome}')
-        params = {'key': key, 'token': token, 'outcome': str(outcome), 'error': error}
-        rows = [
-            {'key': key, 'name': e['name'], 'payload': json.dumps(e['payload'])} for e in effects
-        ]
+        params = {
+            'key': key,
+            'token': token,
+            'outcome': str(outcome),
+            'error': error,
+            'effects': json.dumps([{'name': e['name'], 'payload': e['payload']} for e in effects]),
+            **_event_params(dagster_event),
+        }
 
         async def fenced_finish(connection: AsyncConnection) -> bool:
-            finished = (await connection.execute(QUERIES['finish'], params)).first() is not None
-            if finished and rows:
-                await connection.execute(QUERIES['insert_effect'], rows)
-            return finished
+            return (await connection.execute(QUERIES['finish'], params)).first() is not None
 
-        return await self._run(fenced_finish)
+        return await self._run(fenced_finish, autocommit=True)
+
+    async def record_cancelled_event(
+        self, key: str, *, token: int, dagster_event: DagsterEventRow
+    ) -> bool:
+        """Write the interrupted attempt's terminal failure to Dagster's event log, if the attempt
+        is CANCELLED under `token` and the event is not a success; whether it was written."""
+        params = {'key': key, 'token': token, **_event_params(dagster_event)}
+        return bool(await self._all('cancelled_event', **params))
 
     async def abandon(self, key: str, *, token: int) -> str | None:
         """Mark ABANDONED a RUNNING attempt whose lease (held with `token`) expired more than the

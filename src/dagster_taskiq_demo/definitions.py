@@ -202,6 +202,7 @@ def recorded_sleep(context: OpExecutionContext, config: RecordedConfig) -> int:
             ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
             key,
         )
+    record_effect('recorded', {'attempt': context.retry_number})  # kept only if it completes
     return context.retry_number
 
 

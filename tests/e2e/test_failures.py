@@ -15,6 +15,7 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from dagster_taskiq import message
+from dagster_taskiq.step_process import TERMINAL_EVENTS
 from tests.e2e.conftest import (
     LEASE_S,
     STEP_START_TIMEOUT_S,
@@ -224,6 +225,14 @@ def test_terminating_a_run_stops_its_running_step(stack: Stack, instance: Dagste
     assert [r['outcome'] for r in stack.log_rows(dagster_run.run_id)] == ['CANCELLED']
     [stopped] = events(worker.log(), 'step_stopped')
     assert stopped['reason'] == 'cancelled through Dagster'
+    # Dagster agrees: the interrupted attempt ends with its own terminal event (a retry, under the
+    # op's policy), written by its worker once the store said CANCELLED; never a success
+    [ended] = wait_until(
+        lambda: instance.get_records_for_run(dagster_run.run_id, of_type=TERMINAL_EVENTS).records,
+        what="the interrupted step's end in Dagster",
+    )
+    assert ended.event_log_entry.step_key == 'sleep_then_return'
+    assert ended.event_log_entry.dagster_event_type == DagsterEventType.STEP_UP_FOR_RETRY
 
 
 def test_sigterm_lets_a_running_step_finish(stack: Stack, instance: DagsterInstance) -> None:

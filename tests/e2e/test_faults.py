@@ -6,7 +6,9 @@ last alive and ended (`demo_op_runs`), outside the store and Dagster: what the t
 
 import itertools
 import signal
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from dagster import DagsterEventType, DagsterInstance
 
 from dagster_taskiq_demo.definitions import ALIVE_INTERVAL_S
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
+from dagster_taskiq_demo.stack import WorkerProcess
 from tests.e2e.conftest import LEASE_S, STEP_START_TIMEOUT_S, Stack, attempts, run
 from tests.logs import events
 from tests.waiting import wait_until
@@ -70,6 +73,30 @@ def running_attempt(stack: Stack) -> dict[str, Any]:
     )[0]
 
 
+@contextmanager
+def owner_frozen(
+    stack: Stack, workers: list[WorkerProcess]
+) -> Iterator[tuple[dict[str, Any], WorkerProcess]]:
+    """SIGSTOP the worker of the recorded step once its op has begun, SIGCONT on leaving:
+    (the op's first record, the frozen worker)."""
+    row = running_attempt(stack)
+    [first] = wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
+    [frozen] = [w for w in workers if w.worker_id == row['owner']]
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        yield first, frozen
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+
+
+def wait_resumed_without_writing(worker: WorkerProcess) -> None:
+    """Wait until the resumed `worker` found its lease gone or its deadline passed."""
+    wait_until(
+        lambda: events(worker.log(), 'step_finish_refused') + events(worker.log(), 'step_stopped'),
+        what='the resumed worker to see its step gone',
+    )
+
+
 def step_successes(instance: DagsterInstance, run_id: str, step_key: str) -> int:
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records
     return sum(record.event_log_entry.step_key == step_key for record in records)
@@ -83,27 +110,23 @@ def test_a_frozen_workers_step_dies_by_itself_before_its_lease_expires(
     workers = stack.start_workers(2, 1)
     with ThreadPoolExecutor(1) as pool:
         outcome = pool.submit(run, instance, 'recorded_job', recorded_config(8, with_child=True))
-        row = running_attempt(stack)
-        [first] = wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
-        [frozen] = [w for w in workers if w.worker_id == row['owner']]
-        frozen.process.send_signal(signal.SIGSTOP)
-        try:
+        with owner_frozen(stack, workers) as (first, frozen):
             wait_until(
                 lambda: not pid_alive(first['pid']),
                 timeout_s=2 * LEASE_S,
                 what='the step process to kill itself',
             )
             [lease] = stack.rows(  # nothing renews it while its worker is frozen
-                'SELECT lease_expires_at FROM step_executions WHERE idempotency_key = %(key)s',
-                key=row['idempotency_key'],
+                'SELECT lease_expires_at FROM step_executions WHERE run_id = %(run_id)s'
+                ' AND step_key = %(step)s',
+                run_id=first['run_id'],
+                step=STEP,
             )
-            [killed] = op_runs(stack, row['run_id'])  # its last sign of life, on the DB's clock
+            [killed] = op_runs(stack, first['run_id'])  # its last sign of life, on the DB's clock
             dead_by = killed['alive_at'] + timedelta(seconds=ALIVE_INTERVAL_S)
             assert dead_by < lease['lease_expires_at']  # it died while its lease still held
             wait_until(lambda: not pid_alive(first['child_pid']), what='the op child to die')
             ok, run_id = outcome.result(timeout=120)
-        finally:
-            frozen.process.send_signal(signal.SIGCONT)
     assert ok
     assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == [
         (0, 'ABANDONED'),
@@ -113,17 +136,51 @@ def test_a_frozen_workers_step_dies_by_itself_before_its_lease_expires(
     runs = op_runs(stack, run_id)
     assert [(r['attempt'], r['ended_at'] is None) for r in runs] == [(0, True), (1, False)]
     assert_no_overlap(runs)
-
-    def handled_after_resume() -> list[dict[str, Any]]:
-        log = frozen.log()
-        return events(log, 'step_finish_refused') + events(log, 'step_stopped')
-
-    wait_until(handled_after_resume, what='the resumed worker to see its step gone')
+    wait_resumed_without_writing(frozen)
     assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == [
         (0, 'ABANDONED'),
         (1, 'COMPLETED'),
     ]  # the resumed worker changed nothing
     assert step_successes(instance, run_id, STEP) == 1
+
+
+def effects(stack: Stack, run_id: str) -> list[tuple[str, Any]]:
+    rows = stack.rows(
+        'SELECT idempotency_key, payload FROM step_effects WHERE run_id = %(run_id)s'
+        ' AND step_key = %(step)s ORDER BY id',
+        run_id=run_id,
+        step=STEP,
+    )
+    return [(r['idempotency_key'].rsplit(':', 1)[1], r['payload']) for r in rows]
+
+
+def test_a_step_that_ends_while_its_worker_is_frozen_records_no_success(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """The step's user code ends, and its outcome waits for a worker frozen past the lease: the
+    retry succeeds elsewhere, and the resumed worker's finish is refused. Dagster must show one
+    success, the retry's, and the store one effect, the retry's: the first attempt's STEP_SUCCESS
+    would otherwise be in Dagster's event log under an abandoned attempt."""
+    workers = stack.start_workers(2, 1)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'recorded_job', recorded_config(1))
+        with owner_frozen(stack, workers) as (first, frozen):
+            [ended] = wait_until(
+                lambda: [r for r in op_runs(stack, first['run_id']) if r['ended_at']],
+                what='the op to end while its worker is frozen',
+            )
+            assert ended['pid'] == first['pid']
+            ok, run_id = outcome.result(timeout=120)
+    assert ok
+    assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == [
+        (0, 'ABANDONED'),
+        (1, 'COMPLETED'),
+    ]
+    wait_resumed_without_writing(frozen)
+    assert step_successes(instance, run_id, STEP) == 1
+    assert effects(stack, run_id) == [('1', {'attempt': 1})]
+    assert [r['attempt'] for r in op_runs(stack, run_id) if r['ended_at']] == [0, 1]
+    assert_no_overlap(op_runs(stack, run_id))
 
 
 @pytest.mark.parametrize('cut', ['store', 'sqs'])

@@ -13,6 +13,7 @@ from dagster_taskiq import store
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import bootstrap_queues
 from dagster_taskiq_demo.emulator import free_port
+from tests.conftest import migrate
 
 BIN = Path(sys.executable).parent
 UNREACHABLE_DATABASE = 'postgresql://postgres@127.0.0.1:1/test'
@@ -38,7 +39,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 async def ready_env(settings: Settings, database_url: str) -> dict[str, str]:
     """Variables for a worker that can start: a migrated store and an existing queue."""
-    store.upgrade(database_url)
+    migrate(database_url)
     await bootstrap_queues(settings)
     return {
         'DATABASE_URL': database_url,
@@ -103,6 +104,12 @@ def test_a_database_without_the_store_says_to_upgrade(database_url: str) -> None
     assert 'dagster-taskiq db upgrade' in error
 
 
+def test_a_store_outside_dagsters_database_is_refused(database_url: str) -> None:
+    store.upgrade(database_url)  # the store's tables, but no Dagster storage in this database
+    error = one_line_error(cli('worker', env={'DATABASE_URL': database_url}))
+    assert "Dagster's event log (table event_logs) is not in the store's database" in error
+
+
 def test_db_upgrade_says_what_it_applied(database_url: str) -> None:
     first = cli('db', 'upgrade', env={'DATABASE_URL': database_url})
     assert first.returncode == 0, first.stderr
@@ -112,7 +119,7 @@ def test_db_upgrade_says_what_it_applied(database_url: str) -> None:
 
 
 def test_a_missing_queue_says_to_bootstrap(settings: Settings, database_url: str) -> None:
-    store.upgrade(database_url)
+    migrate(database_url)
     env = {
         'DATABASE_URL': database_url,
         'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': str(settings.aws_endpoint_url),
@@ -143,7 +150,7 @@ async def test_a_preload_module_that_cannot_be_imported_is_refused(
 
 
 def test_sqs_unreachable_is_one_line(database_url: str) -> None:
-    store.upgrade(database_url)
+    migrate(database_url)
     env = {'DATABASE_URL': database_url, 'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': 'http://127.0.0.1:1'}
     error = one_line_error(cli('worker', env=env))
     assert 'resolve_urls failed' in error and 'http://127.0.0.1:1' in error

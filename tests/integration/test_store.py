@@ -1,6 +1,7 @@
 """The idempotency store on the real PostgreSQL: a stale token can change nothing."""
 
 import asyncio
+from datetime import UTC
 
 import psycopg
 import pytest
@@ -10,8 +11,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from dagster_taskiq import store
 from dagster_taskiq.errors import ConfigError, StoreUnavailable
 from dagster_taskiq.resilience import CircuitBreaker
-from dagster_taskiq.store import Claimed, LeaseStatus, Refused, StepState, Store
+from dagster_taskiq.store import Claimed, DagsterEventRow, LeaseStatus, Refused, StepState, Store
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
+from tests.conftest import libpq_dsn
 from tests.waiting import eventually
 
 KEY = 'run-1:compute[a.b]:0'
@@ -114,6 +116,60 @@ async def test_finish_is_fenced_and_happens_once(db: Store) -> None:
     assert [(r['outcome'], r['lease_token']) for r in await log_rows(db)] == [('COMPLETED', token)]
     with pytest.raises(ValueError, match='COMPLETED or FAILED'):
         await db.finish(KEY, token=token, outcome=StepState.ABANDONED)
+
+
+EVENT = DagsterEventRow(event='{"entry": 1}', event_type='STEP_SUCCESS', timestamp=1_800_000_000.25)
+
+
+async def event_log(db: Store) -> list[dict[str, object]]:
+    async with db.engine.connect() as connection:
+        rows = await connection.exec_driver_sql(
+            'SELECT run_id, step_key, dagster_event_type, event, timestamp FROM event_logs'
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+async def test_only_the_finish_that_wins_writes_the_terminal_event_and_effects(
+    db: Store, database_url: str
+) -> None:
+    """The attempt's Dagster event and effects commit with its fenced finish, or not at all."""
+    await enqueue(db)
+    token = await expired_claim(db)
+    assert await db.abandon(KEY, token=token) is not None
+    effects = [{'name': 'row', 'payload': {'n': 1}}]
+    assert not await db.finish(
+        KEY, token=token, outcome=StepState.COMPLETED, effects=effects, dagster_event=EVENT
+    )
+    assert await event_log(db) == [] and await db.list_effects('run-1') == []
+
+    retry = 'run-1:compute[a.b]:1'
+    await enqueue(db, retry)
+    won = await db.claim(retry, worker_id='w2', lease_s=LONG_LEASE_S)
+    assert isinstance(won, Claimed)
+    async with await psycopg.AsyncConnection.connect(
+        libpq_dsn(database_url), autocommit=True
+    ) as listener:
+        await listener.execute('LISTEN run_events')
+        assert await db.finish(
+            retry,
+            token=won.token,
+            outcome=StepState.COMPLETED,
+            effects=effects,
+            dagster_event=EVENT,
+        )
+        notice = await anext(listener.notifies(timeout=5))
+    [written] = await event_log(db)
+    assert {k: v for k, v in written.items() if k != 'timestamp'} == {
+        'run_id': 'run-1',
+        'step_key': 'compute[a.b]',
+        'dagster_event_type': 'STEP_SUCCESS',
+        'event': '{"entry": 1}',
+    }
+    assert written['timestamp'].replace(tzinfo=UTC).timestamp() == EVENT['timestamp']
+    assert notice.payload.startswith('run-1_')
+    assert [(e['idempotency_key'], e['payload']) for e in await db.list_effects('run-1')] == [
+        (retry, {'n': 1})
+    ]
 
 
 async def test_failed_outcome_keeps_its_error(db: Store) -> None:

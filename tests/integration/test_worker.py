@@ -6,6 +6,7 @@ same worker with real step processes.
 """
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,10 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from dagster import job, op, reconstructable
+from dagster import DagsterEvent, DagsterEventType, EventLogEntry, job, op, reconstructable
+from dagster._core.events import StepSuccessData
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode
 from dagster._grpc.types import ExecuteStepArgs
+from dagster._serdes import deserialize_value, serialize_value
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
@@ -26,7 +29,7 @@ from dagster_taskiq import message
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import SqsQueue, bootstrap_queues, open_queue
 from dagster_taskiq.step_process import StepOutcome
-from dagster_taskiq.store import Claimed, StepState, Store
+from dagster_taskiq.store import Claimed, DagsterEventRow, StepState, Store
 from dagster_taskiq.worker import Worker, WorkerOptions
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
 from tests.waiting import eventually
@@ -94,8 +97,34 @@ class CallableStepRunner:
         return started
 
 
-async def succeeds(_: message.OpExecutionTask) -> StepOutcome:
-    return StepOutcome(succeeded=True, reported=True, effects=[{'name': 'row', 'payload': {}}])
+def step_success(task: message.OpExecutionTask) -> DagsterEventRow:
+    """The STEP_SUCCESS entry a step process would withhold for the worker's finish."""
+    entry = EventLogEntry(
+        user_message='',
+        level=logging.DEBUG,
+        job_name=task.job_name,
+        run_id=task.run_id,
+        error_info=None,
+        timestamp=time.time(),
+        step_key=task.step_key,
+        dagster_event=DagsterEvent(
+            event_type_value=DagsterEventType.STEP_SUCCESS.value,
+            job_name=task.job_name,
+            step_key=task.step_key,
+            event_specific_data=StepSuccessData(duration_ms=1.0),
+        ),
+    )
+    return DagsterEventRow(
+        event=serialize_value(entry), event_type='STEP_SUCCESS', timestamp=entry.timestamp
+    )
+
+
+async def succeeds(task: message.OpExecutionTask) -> StepOutcome:
+    return StepOutcome(
+        succeeded=True,
+        effects=[{'name': 'row', 'payload': {}}],
+        dagster_event=step_success(task),
+    )
 
 
 class Gate:
@@ -148,6 +177,15 @@ class Harness:
             return await self.state(task) == state
 
         await eventually(reached, what=f'{task.idempotency_key} {state}')
+
+    async def dagster_events(self, run_id: str) -> list[EventLogEntry]:
+        """The run's entries in Dagster's event log table, oldest first."""
+        async with self.db.engine.connect() as connection:
+            rows = await connection.exec_driver_sql(
+                'SELECT event FROM event_logs WHERE run_id = %(run_id)s ORDER BY id',
+                {'run_id': run_id},
+            )
+            return [deserialize_value(row.event, EventLogEntry) for row in rows]
 
     async def queue_empty(self) -> bool:
         depth = await self.queue.depth()
@@ -218,6 +256,8 @@ async def test_a_message_is_claimed_run_and_finished_with_its_effects(
     log = await harness.db.list_log(task.run_id)
     assert [(r['worker_id'], r['outcome']) for r in log] == [('w-0', 'COMPLETED')]
     assert [run.task.idempotency_key for run in running.runner.runs] == [task.idempotency_key]
+    [event] = await harness.dagster_events(task.run_id)
+    assert (event.step_key, event.dagster_event_type) == ('noop', DagsterEventType.STEP_SUCCESS)
 
 
 async def test_a_duplicate_delivery_is_refused_and_deleted(

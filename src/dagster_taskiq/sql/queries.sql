@@ -40,18 +40,51 @@ WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
 RETURNING lease_expires_at
 
 -- name: finish
+-- One statement, run on its own (autocommit): the fenced end of the attempt, its outbox effects
+-- and Dagster's terminal event of the attempt (when the step process produced one) commit
+-- together or not at all, so Dagster records STEP_SUCCESS exactly when the store says COMPLETED.
+-- The event row is built as dagster-postgres's store_event builds it (its NOTIFY included); it
+-- takes its id, and so its place in the run's event stream, just before the statement commits.
 WITH finished AS (
   UPDATE step_executions
   SET state = :outcome, ended_at = now(), error = :error
   WHERE idempotency_key = :key AND lease_token = :token AND state = 'RUNNING'
-  RETURNING idempotency_key, lease_token, state
+  RETURNING idempotency_key, run_id, step_key, lease_token, state
 ), closed AS (
   UPDATE execution_log AS log
   SET outcome = finished.state, ended_at = now(), error = :error
   FROM finished
   WHERE log.idempotency_key = finished.idempotency_key AND log.lease_token = finished.lease_token
+), effects AS (
+  INSERT INTO step_effects (idempotency_key, run_id, step_key, name, payload)
+  SELECT finished.idempotency_key, finished.run_id, finished.step_key, effect ->> 'name',
+         effect -> 'payload'
+  FROM finished, jsonb_array_elements(CAST(:effects AS jsonb)) AS effect
+), event AS (
+  INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key)
+  SELECT finished.run_id, CAST(:event AS text), CAST(:event_type AS text),
+         to_timestamp(CAST(:event_timestamp AS double precision)) AT TIME ZONE 'UTC',
+         finished.step_key
+  FROM finished
+  WHERE CAST(:event AS text) IS NOT NULL
+  RETURNING run_id, id
 )
-SELECT state FROM finished
+SELECT finished.state, (SELECT pg_notify('run_events', run_id || '_' || id) FROM event)
+FROM finished
+
+-- name: cancelled_event
+-- A cancelled attempt's own terminal failure (Dagster's interrupt), written by its worker once the
+-- attempt is CANCELLED under its token; never a success, which the store says did not happen.
+WITH event AS (
+  INSERT INTO event_logs (run_id, event, dagster_event_type, timestamp, step_key)
+  SELECT run_id, CAST(:event AS text), CAST(:event_type AS text),
+         to_timestamp(CAST(:event_timestamp AS double precision)) AT TIME ZONE 'UTC', step_key
+  FROM step_executions
+  WHERE idempotency_key = :key AND lease_token = :token AND state = 'CANCELLED'
+    AND CAST(:event_type AS text) <> 'STEP_SUCCESS'
+  RETURNING run_id, id
+)
+SELECT pg_notify('run_events', run_id || '_' || id) FROM event
 
 -- name: abandon
 -- Only a RUNNING attempt whose lease expired more than the grace ago (its owner has had time to
@@ -99,13 +132,6 @@ ORDER BY enqueued_at, idempotency_key
 
 -- name: list_log
 SELECT * FROM execution_log WHERE run_id = :run_id ORDER BY id
-
--- name: insert_effect
--- Run in the transaction of a `finish` that succeeded, never on its own.
-INSERT INTO step_effects (idempotency_key, run_id, step_key, name, payload)
-SELECT idempotency_key, run_id, step_key, :name, CAST(:payload AS jsonb)
-FROM step_executions
-WHERE idempotency_key = :key
 
 -- name: list_effects
 SELECT * FROM step_effects WHERE run_id = :run_id ORDER BY id
@@ -176,3 +202,7 @@ FROM step_executions AS attempt
 WHERE log.run_id = :run_id AND log.outcome IS NULL
   AND attempt.idempotency_key = log.idempotency_key AND attempt.lease_token = log.lease_token
   AND attempt.state = 'CANCELLED'
+
+-- name: dagster_event_log
+-- Dagster's event log table, where `finish` writes each attempt's terminal event.
+SELECT to_regclass('event_logs') AS event_logs
