@@ -82,14 +82,16 @@ WHERE n.nspname = %(schema)s AND l.granted AND a.pid <> pg_backend_pid()
 
 
 def migrate(database_url: str) -> None:
-    """The store's migrations and Dagster's event log tables (where `finish` writes the attempt's
-    terminal event), as in a database that Dagster's PostgreSQL storage also uses."""
+    """The store's migrations and Dagster's event log and run tables (the store writes terminal
+    events to one and reads run statuses in the other), as in Dagster's own database."""
     from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
+    from dagster._core.storage.runs.schema import RunStorageSqlMetadata
 
     store.upgrade(database_url)
     engine = store.sync_engine(database_url)
     try:
         SqlEventLogStorageMetadata.create_all(engine)
+        RunStorageSqlMetadata.create_all(engine)
     finally:
         engine.dispose()
 

@@ -27,3 +27,7 @@ class ConfigError(DagsterTaskiqError):
 
 class StoreUnavailable(DagsterTaskiqError):
     """The database could not be reached: the write did not happen, or its outcome is unknown."""
+
+
+class RunStopping(DagsterTaskiqError):
+    """The run is CANCELING or CANCELED: no step of it may be launched."""

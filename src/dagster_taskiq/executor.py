@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dagster import DagsterRunStatus, Field, IntSource, Noneable, StringSource, executor
+from dagster import Field, IntSource, Noneable, StringSource, executor
 from dagster import _check as check
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
 from dagster._core.errors import DagsterExecutionInterruptedError
@@ -33,9 +33,9 @@ from dagster._core.executor.step_delegating import (
 from sqlalchemy.engine import RowMapping
 
 from dagster_taskiq import message
-from dagster_taskiq.errors import DagsterTaskiqError
+from dagster_taskiq.errors import DagsterTaskiqError, RunStopping
 from dagster_taskiq.settings import Settings
-from dagster_taskiq.step_process import TERMINAL_EVENTS, find_run, keep_storage_connections
+from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
 from dagster_taskiq.store import StepState, Store
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ T = TypeVar('T')
 DEFAULT_SLEEP_SECONDS = 0.05  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 LIVE_WORKER_WINDOW_S = 60.0
-STOPPING_STATUSES = {DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED}
 # executor config keys named as the Settings fields they set; absent keys fall back to the
 # DAGSTER_TASKIQ_* / AWS_* variables
 _SETTINGS_FIELDS = ('queue_url', 'queue_name', 'aws_endpoint_url', 'aws_region', 'database_url')
@@ -180,18 +179,17 @@ class SqsStepHandler(StepHandler):
         return await queue.send(body, attributes)
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        run_id = step_handler_context.execute_step_args.run_id
-        run = find_run(step_handler_context.instance, run_id)
-        if run is not None and run.status in STOPPING_STATUSES:
-            # Its run worker has not been interrupted yet: nothing more is launched, and
-            # TaskiqExecutor.execute cancels what is in flight.
-            raise DagsterExecutionInterruptedError(f'run {run_id} is {run.status.value}')
         task = message.build_task(
             step_handler_context.execute_step_args,
             job_name=step_handler_context.dagster_run.job_name,
             enqueued_at=time.time(),
         )
-        message_id = self._run(self._enqueue(task))
+        try:
+            message_id = self._run(self._enqueue(task))
+        except RunStopping as stopping:
+            # The run is CANCELING and its run worker not interrupted yet: nothing more is
+            # launched, and TaskiqExecutor.execute cancels what is in flight.
+            raise DagsterExecutionInterruptedError(str(stopping)) from stopping
         # Events yielded here are discarded by Dagster, so this one is written, not yielded.
         DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(task.step_key),

@@ -174,8 +174,12 @@ def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
                 if not outcome.succeeded:
                     error = getattr(event.event_specific_data, 'error', None)
                     outcome.error = error.to_string() if error else event.message
-    if outcome.dagster_event is None and outcome.error is None:
-        outcome.error = 'Dagster did not execute the step (already started, or the run has ended)'
+        if outcome.dagster_event is None and outcome.error is None:
+            run = find_run(instance, args.run_id) or run
+            outcome.error = (
+                f'Dagster did not execute the step (run {run.status.value}: the attempt had '
+                'already started, or the run is ending)'
+            )
 
 
 def _guard(lifeline: Connection) -> None:

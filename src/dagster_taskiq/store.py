@@ -31,7 +31,7 @@ from dagster_taskiq.defaults import (
     DEFAULT_BREAKER_THRESHOLD,
     DEFAULT_STORE_CALL_TIMEOUT_S,
 )
-from dagster_taskiq.errors import ConfigError, StoreUnavailable
+from dagster_taskiq.errors import ConfigError, RunStopping, StoreUnavailable
 from dagster_taskiq.resilience import CircuitBreaker
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sql import MIGRATIONS_DIR, VERSION_TABLE, load_queries
@@ -55,6 +55,9 @@ class LeaseStatus(StrEnum):
     RENEWED = 'RENEWED'
     CANCELLED = 'CANCELLED'  # terminated through Dagster: the owner must interrupt the step
     LOST = 'LOST'  # the token is stale (abandoned, finished, or never ours): stop, write nothing
+
+
+STOPPING_RUN_STATUSES = ('CANCELING', 'CANCELED')  # Dagster's, as its runs table spells them
 
 
 class DagsterEventRow(TypedDict):
@@ -225,14 +228,15 @@ class Store:
         if current != head:
             raise ConfigError(f'the store is at migration {current}, not {head}: {upgrade_hint}')
 
-    async def check_dagster_event_log(self) -> None:
-        """ConfigError unless Dagster's event log is in the store's database (a worker's finish
-        writes the attempt's terminal event there)."""
-        event_log = await self._first('dagster_event_log')
-        if event_log is None or event_log['event_logs'] is None:
+    async def check_dagster_storage(self) -> None:
+        """ConfigError unless Dagster's PostgreSQL storage is in the store's database: a finish
+        writes the attempt's terminal event to its event log, a launch reads its run's status."""
+        row = await self._first('dagster_tables')
+        missing = [table for table in ('event_logs', 'runs') if row is None or row[table] is None]
+        if missing:
             raise ConfigError(
-                "Dagster's event log (table event_logs) is not in the store's database: the "
-                "store must be in the database of Dagster's PostgreSQL storage, where each "
+                f"Dagster's storage (table {', '.join(missing)}) is not in the store's database: "
+                "the store must be in the database of Dagster's PostgreSQL storage, where each "
                 "attempt's terminal event is written with its finish"
             )
 
@@ -293,8 +297,11 @@ class Store:
     async def record_enqueued(
         self, key: str, *, run_id: str, job_name: str, step_key: str, attempt: int
     ) -> bool:
-        """Insert the QUEUED row; False when the key was already recorded (nothing changes then)."""
-        row = await self._first(
+        """Insert the QUEUED row; False when the key was already recorded (nothing changes then).
+
+        RunStopping when Dagster's run is CANCELING or CANCELED (nothing is recorded).
+        """
+        [row] = await self._all(
             'record_enqueued',
             key=key,
             run_id=run_id,
@@ -302,7 +309,9 @@ class Store:
             step_key=step_key,
             attempt=attempt,
         )
-        return row is not None
+        if row['run_status'] in STOPPING_RUN_STATUSES:
+            raise RunStopping(f'run {run_id} is {row["run_status"]}: {key} not launched')
+        return bool(row['recorded'])
 
     async def claim(self, key: str, *, worker_id: str, lease_s: float) -> Claimed | Refused:
         """Win the key for `worker_id` if it is QUEUED; else count the delivery and say why not."""

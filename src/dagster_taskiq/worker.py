@@ -353,7 +353,7 @@ async def serve(settings: Settings, options: WorkerOptions) -> None:
     store = Store.from_settings(settings)
     try:
         await store.check_schema()
-        await store.check_dagster_event_log()
+        await store.check_dagster_storage()
         async with open_queue(settings) as queue:
             runner = ForkserverStepRunner(options.preload)
             worker = Worker(queue, store, runner, settings, options)

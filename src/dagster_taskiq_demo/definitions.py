@@ -72,14 +72,23 @@ def slow_job() -> None:
     add_one(sleep_then_return())
 
 
+class SplitConfig(Config):
+    width: int = FAN_OUT_WIDTH
+
+
 @op(out=DynamicOut(int))
-def split() -> object:
-    for index in range(FAN_OUT_WIDTH):
+def split(config: SplitConfig) -> object:
+    for index in range(config.width):
         yield DynamicOutput(index, mapping_key=f'k{index}')
 
 
+class SquareConfig(Config):
+    seconds: float = 0.0  # how long each square takes
+
+
 @op
-def square(value: int) -> int:
+def square(config: SquareConfig, value: int) -> int:
+    time.sleep(config.seconds)
     return value * value
 
 
@@ -90,7 +99,8 @@ def total(values: list[int]) -> int:
 
 @job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
 def fan_out_job() -> None:
-    """`FAN_OUT_WIDTH` parallel ops (step keys like `square[k3]`) and one that collects them."""
+    """`width` (run config; `FAN_OUT_WIDTH`) parallel ops (step keys like `square[k3]`) and one
+    that collects them."""
     total(split().map(square).collect())
 
 

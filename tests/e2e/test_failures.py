@@ -167,21 +167,14 @@ def test_malformed_and_forged_messages_go_to_the_dlq(
     assert ok  # the worker kept serving
 
 
-def start_slow_run(
-    instance: DagsterInstance, seconds: float
+def start_run(
+    instance: DagsterInstance, job_name: str, config: dict[str, Any]
 ) -> tuple[subprocess.Popen[bytes], Any]:
-    """slow_job in a run worker process of its own (as a run launcher starts one), once its slow
-    step has started in Dagster."""
+    """The job in a run worker process of its own (as a run launcher starts one), once a step of
+    it has started in Dagster."""
     tag = uuid.uuid4().hex
     runner = subprocess.Popen(
-        [
-            sys.executable,
-            '-m',
-            'tests.e2e.run_job',
-            'slow_job',
-            json.dumps(slow_config(seconds)),
-            tag,
-        ],
+        [sys.executable, '-m', 'tests.e2e.run_job', job_name, json.dumps(config), tag],
         env=os.environ.copy(),
     )
     try:
@@ -193,7 +186,7 @@ def start_slow_run(
         wait_until(
             lambda: step_events(instance, dagster_run.run_id, DagsterEventType.STEP_START),
             timeout_s=STEP_START_TIMEOUT_S,
-            what='the slow step to start in Dagster',
+            what='a step to start in Dagster',
         )
     except BaseException:
         runner.kill()
@@ -202,14 +195,24 @@ def start_slow_run(
     return runner, dagster_run
 
 
+def start_slow_run(
+    instance: DagsterInstance, seconds: float
+) -> tuple[subprocess.Popen[bytes], Any]:
+    return start_run(instance, 'slow_job', slow_config(seconds))
+
+
+def terminate(instance: DagsterInstance, runner: subprocess.Popen[bytes], dagster_run: Any) -> None:
+    """What Dagster's run launcher does to terminate a run: mark it, then interrupt its worker."""
+    instance.report_run_canceling(dagster_run)
+    runner.send_signal(signal.SIGINT)
+
+
 def test_terminating_a_run_stops_its_running_step(stack: Stack, instance: DagsterInstance) -> None:
     worker = stack.start_worker(concurrency=1)
     runner, dagster_run = start_slow_run(instance, seconds=60)
     try:
         pid = step_pid(worker, 'sleep_then_return')
-        # What Dagster's run launcher does to terminate a run: mark it, then interrupt its worker.
-        instance.report_run_canceling(dagster_run)
-        runner.send_signal(signal.SIGINT)
+        terminate(instance, runner, dagster_run)
         wait_until(
             lambda: stack.executions(dagster_run.run_id)[0]['state'] == 'CANCELLED',
             what='the attempt cancelled',
@@ -308,3 +311,48 @@ def test_a_run_marked_canceling_launches_nothing_more(
     launched = [step for step, _, _ in attempts(stack, dagster_run.run_id)]
     assert launched == ['sleep_then_return']  # add_one, ready after CANCELING, was not launched
     assert all(r['outcome'] is not None for r in stack.log_rows(dagster_run.run_id))  # none open
+
+
+@pytest.mark.slow
+def test_terminating_a_fifty_step_run_mid_flight(stack: Stack, instance: DagsterInstance) -> None:
+    """50 steps (split, 48 squares of 0.5 s, total) on 2 workers x 2 slots, terminated once a few
+    squares are done: nothing is launched once the run is CANCELING, no start is left open, and
+    Dagster and the store agree on every attempt."""
+    stack.start_workers(2, 2)
+    config = {'ops': {'split': {'config': {'width': 48}}, 'square': {'config': {'seconds': 0.5}}}}
+    runner, dagster_run = start_run(instance, 'fan_out_job', config)
+    run_id = dagster_run.run_id
+    try:
+        wait_until(
+            lambda: len([s for _, _, s in attempts(stack, run_id) if s == 'COMPLETED']) >= 6,
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='a few squares done',
+        )
+        terminate(instance, runner, dagster_run)
+        [canceling] = stack.rows('SELECT clock_timestamp() AS at')  # after CANCELING committed
+        assert runner.wait(120) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert instance.get_run_by_id(run_id).status == DagsterRunStatus.CANCELED
+    rows = stack.executions(run_id)
+    assert len(rows) < 50  # it was stopped mid-flight
+    assert all(r['enqueued_at'] < canceling['at'] for r in rows)  # nothing launched after
+
+    def starts_closed() -> bool:
+        return all(r['outcome'] is not None for r in stack.log_rows(run_id))
+
+    wait_until(starts_closed, what='every start closed with its outcome')
+    terminal: dict[str, list[DagsterEventType]] = {}
+    for record in instance.get_records_for_run(run_id, of_type=TERMINAL_EVENTS).records:
+        entry = record.event_log_entry
+        terminal.setdefault(str(entry.step_key), []).append(entry.get_dagster_event().event_type)
+    for row in stack.executions(run_id):
+        ended = terminal.get(row['step_key'], [])
+        seen = (row['step_key'], row['state'], row['error'], ended)
+        assert ended.count(DagsterEventType.STEP_SUCCESS) == (row['state'] == 'COMPLETED'), seen
+        if row['state'] == 'FAILED':  # claimed as the run stopped: Dagster refused to run it
+            assert ended == [] and 'Dagster did not execute the step (run CANCEL' in row['error']
+        else:
+            assert row['state'] in ('COMPLETED', 'CANCELLED'), seen

@@ -107,7 +107,7 @@ def test_a_database_without_the_store_says_to_upgrade(database_url: str) -> None
 def test_a_store_outside_dagsters_database_is_refused(database_url: str) -> None:
     store.upgrade(database_url)  # the store's tables, but no Dagster storage in this database
     error = one_line_error(cli('worker', env={'DATABASE_URL': database_url}))
-    assert "Dagster's event log (table event_logs) is not in the store's database" in error
+    assert "Dagster's storage (table event_logs, runs) is not in the store's database" in error
 
 
 def test_db_upgrade_says_what_it_applied(database_url: str) -> None:

@@ -1,6 +1,7 @@
 """The idempotency store on the real PostgreSQL: a stale token can change nothing."""
 
 import asyncio
+import re
 from datetime import UTC
 
 import psycopg
@@ -9,7 +10,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dagster_taskiq import store
-from dagster_taskiq.errors import ConfigError, StoreUnavailable
+from dagster_taskiq.errors import ConfigError, RunStopping, StoreUnavailable
 from dagster_taskiq.resilience import CircuitBreaker
 from dagster_taskiq.store import Claimed, DagsterEventRow, LeaseStatus, Refused, StepState, Store
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
@@ -61,6 +62,17 @@ async def test_record_enqueued_is_idempotent(db: Store) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_nothing_is_recorded_for_a_run_that_is_stopping(db: Store) -> None:
+    async with db.engine.begin() as connection:  # Dagster's row of the run, as it marks it
+        await connection.exec_driver_sql(
+            'INSERT INTO runs (run_id, pipeline_name, run_body, status)'
+            " VALUES ('run-1', 'job', '{}', 'CANCELING')"
+        )
+    with pytest.raises(RunStopping, match=f'run run-1 is CANCELING: {re.escape(KEY)} not'):
+        await enqueue(db)
+    assert await db.get_execution(KEY) is None
+
+
 async def test_fifty_concurrent_claimers_one_winner(database_url: str, db: Store) -> None:
     await enqueue(db)
     wide_engine = create_async_engine(store.store_url(database_url), pool_size=50, max_overflow=0)

@@ -2,10 +2,19 @@
 -- Times come from the database's clock (now()), so workers' clocks never decide a lease.
 
 -- name: record_enqueued
-INSERT INTO step_executions (idempotency_key, run_id, job_name, step_key, attempt, state)
-VALUES (:key, :run_id, :job_name, :step_key, :attempt, 'QUEUED')
-ON CONFLICT (idempotency_key) DO NOTHING
-RETURNING idempotency_key
+-- Nothing is recorded while the run is stopping. The run's row in Dagster's runs table (same
+-- database) is share-locked, so the update that marks the run CANCELING waits for this launch
+-- to commit: every launch commits before the run is CANCELING, or sees it and records nothing.
+WITH run AS (
+  SELECT status FROM runs WHERE run_id = :run_id FOR SHARE
+), inserted AS (
+  INSERT INTO step_executions (idempotency_key, run_id, job_name, step_key, attempt, state)
+  SELECT :key, :run_id, :job_name, :step_key, :attempt, 'QUEUED'
+  WHERE NOT EXISTS (SELECT 1 FROM run WHERE status IN ('CANCELING', 'CANCELED'))
+  ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING idempotency_key
+)
+SELECT (SELECT status FROM run) AS run_status, EXISTS (SELECT 1 FROM inserted) AS recorded
 
 -- name: claim
 -- Wins only for a QUEUED key; the winner's start is logged in the same statement.
@@ -203,6 +212,7 @@ WHERE log.run_id = :run_id AND log.outcome IS NULL
   AND attempt.idempotency_key = log.idempotency_key AND attempt.lease_token = log.lease_token
   AND attempt.state = 'CANCELLED'
 
--- name: dagster_event_log
--- Dagster's event log table, where `finish` writes each attempt's terminal event.
-SELECT to_regclass('event_logs') AS event_logs
+-- name: dagster_tables
+-- Dagster's tables that the store reads or writes: `finish` writes the attempt's terminal event
+-- to event_logs, `record_enqueued` reads the run's status in runs.
+SELECT to_regclass('event_logs') AS event_logs, to_regclass('runs') AS runs
