@@ -177,6 +177,7 @@ CREATE TABLE IF NOT EXISTS demo_op_runs (
 
 class RecordedConfig(Config):
     seconds: float = 5.0
+    retry_seconds: float | None = None  # how long a retry sleeps; None: `seconds`
     with_child: bool = False  # also start a child process (`sleep`) and record its pid
 
 
@@ -196,7 +197,8 @@ def recorded_sleep(context: OpExecutionContext, config: RecordedConfig) -> int:
             ' VALUES (%s, %s, %s, %s, %s)',
             (*key, os.getpid(), child and child.pid),
         )
-        deadline = time.monotonic() + config.seconds
+        seconds = config.seconds if context.retry_number == 0 else config.retry_seconds
+        deadline = time.monotonic() + (config.seconds if seconds is None else seconds)
         while time.monotonic() < deadline:
             time.sleep(ALIVE_INTERVAL_S)
             connection.execute(
