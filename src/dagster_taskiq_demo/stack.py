@@ -57,11 +57,14 @@ def drop_database(server_url: str, name: str) -> None:
 
 
 def write_dagster_home(home: Path, database_url: str) -> Path:
-    """A DAGSTER_HOME whose run, event and schedule storage is PostgreSQL at `database_url`.
+    """A DAGSTER_HOME whose run, event and schedule storage is PostgreSQL at `database_url`, with
+    its tables created (workers refuse a database without them).
 
     The scheme is pinned to psycopg2: SQLAlchemy 2.1 maps `postgresql://` to psycopg 3, which
     dagster-postgres does not support.
     """
+    from dagster import DagsterInstance
+
     home.mkdir(parents=True, exist_ok=True)
     dagster_url = make_url(database_url).set(drivername='postgresql+psycopg2')
     (home / 'dagster.yaml').write_text(
@@ -71,6 +74,7 @@ def write_dagster_home(home: Path, database_url: str) -> Path:
         'telemetry:\n'
         '  enabled: false\n'
     )
+    DagsterInstance.from_config(str(home)).dispose()  # its storages create their tables
     return home
 
 
