@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 from dagster_taskiq import journal
@@ -84,7 +83,7 @@ class AttemptSupervisor:
         store: Store,
         runner: StepRunner,
         settings: Settings,
-        journal_dir: Path,
+        outcome_journal: journal.Journal,
         worker_id: str,
         metrics: WorkerMetrics,
         logger: FilteringBoundLogger,
@@ -93,7 +92,7 @@ class AttemptSupervisor:
         self.store = store
         self.runner = runner
         self.settings = settings
-        self.journal_dir = journal_dir
+        self.journal = outcome_journal
         self.worker_id = worker_id
         self.metrics = metrics
         self.log = logger
@@ -232,7 +231,7 @@ class AttemptSupervisor:
             entry = journal.Entry(
                 key, token, state, outcome.error, outcome.effects, outcome.dagster_event
             )
-            journal.append(self.journal_dir, self.worker_id, entry)
+            self.journal.append(entry)
             log_step(self.log, step.task, 'outcome_journaled', outcome=str(state), error=str(error))
             return
         (self.metrics.completed if outcome.succeeded else self.metrics.failed).inc()

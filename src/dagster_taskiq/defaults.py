@@ -1,5 +1,6 @@
 """Every default, once: light enough for `--help` (it imports nothing)."""
 
+import os
 from pathlib import Path
 
 DEFAULT_QUEUE_NAME = 'dagster-taskiq-steps'
@@ -23,7 +24,13 @@ DEFAULT_BREAKER_COOLDOWN_S = 30.0
 DEFAULT_CONCURRENCY = 4
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_POLL_WAIT_S = 20
-DEFAULT_JOURNAL_DIR = Path('.dagster-taskiq-journal')
+# Outcomes the database could not take wait here: an absolute path (not the working directory's);
+# on ECS, a volume that outlives the task (EFS) lets another worker write them
+DEFAULT_JOURNAL_DIR = (
+    Path(os.environ.get('XDG_STATE_HOME') or Path.home() / '.local' / 'state')
+    / 'dagster-taskiq'
+    / 'journal'
+)
 DEFAULT_MIN_WORKERS = 0
 DEFAULT_MAX_WORKERS = 10
 DEFAULT_TARGET_BACKLOG_PER_WORKER = 4

@@ -146,6 +146,18 @@ def upgrade(database_url: str) -> list[str]:
     return [f'{r.revision}: {(r.doc or "").splitlines()[0]}' for r in reversed(list(applied))]
 
 
+def storable(value: T) -> T:
+    """`value` with every NUL character in its strings (keys too) replaced by U+FFFD: PostgreSQL's
+    text and jsonb cannot hold NUL, and an outcome must not be refused for its error's bytes."""
+    if isinstance(value, str):
+        return value.replace('\x00', '\ufffd')  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]  # type: ignore[return-value]
+    return value
+
+
 def _event_params(dagster_event: DagsterEventRow | None) -> dict[str, Any]:
     if dagster_event is None:
         return {'event': None, 'event_type': None, 'event_timestamp': None}
@@ -355,12 +367,13 @@ class Store:
         """
         if outcome not in (StepState.COMPLETED, StepState.FAILED):
             raise ValueError(f'an attempt finishes COMPLETED or FAILED, not {outcome}')
+        stored_effects = [{'name': e['name'], 'payload': e['payload']} for e in effects]
         params = {
             'key': key,
             'token': token,
             'outcome': str(outcome),
-            'error': error,
-            'effects': json.dumps([{'name': e['name'], 'payload': e['payload']} for e in effects]),
+            'error': storable(error),
+            'effects': json.dumps(storable(stored_effects)),
             **_event_params(dagster_event),
         }
 

@@ -121,12 +121,13 @@ class Worker:
         self.late_receive: asyncio.Future[list[Received]] | None = None
         self.crash: str | None = None  # why a side task stopped the worker
         self.log = log.bind(worker_id=self.worker_id)
+        self.journal = journal.Journal(options.journal_dir, self.worker_id, self.log)
         self.attempts = AttemptSupervisor(
             queue,
             store,
             runner,
             settings,
-            options.journal_dir,
+            self.journal,
             self.worker_id,
             self.metrics,
             self.log,
@@ -135,23 +136,31 @@ class Worker:
     # ----- lifecycle -----
 
     async def run(self) -> None:
-        """Serve until `stop` is set, then drain and return."""
-        await self.runner.start()
-        self.log.info('worker_started', concurrency=self.options.concurrency, pid=os.getpid())
-        side_tasks = [
-            supervised(self._registry_loop(), 'registry', self._side_task_crashed),
-            supervised(self._journal_loop(), 'journal', self._side_task_crashed),
-            supervised(self._reaper_loop(), 'reaper', self._side_task_crashed),
-        ]
+        """Serve until `stop` is set, then drain, write what the journal holds, and return."""
+        self.journal.open()
         try:
-            await self._receive_loop()
+            await self.runner.start()
+            self.log.info('worker_started', concurrency=self.options.concurrency, pid=os.getpid())
+            side_tasks = [
+                supervised(self._registry_loop(), 'registry', self._side_task_crashed),
+                supervised(self._journal_loop(), 'journal', self._side_task_crashed),
+                supervised(self._reaper_loop(), 'reaper', self._side_task_crashed),
+            ]
+            try:
+                await self._receive_loop()
+            finally:
+                await self.shutdown()
+                for task in side_tasks:
+                    task.cancel()
+                await asyncio.gather(*side_tasks, return_exceptions=True)
+                try:
+                    await self._reconcile_journal()  # what is still unwritten stays for any worker
+                except OSError as error:
+                    self.log.error('journal_unreadable', error=str(error))
+                await store_call(self.store.worker_stopped(self.worker_id), self.log)
+                self.log.info('worker_stopped')
         finally:
-            await self.shutdown()
-            for task in side_tasks:
-                task.cancel()
-            await asyncio.gather(*side_tasks, return_exceptions=True)
-            await store_call(self.store.worker_stopped(self.worker_id), self.log)
-            self.log.info('worker_stopped')
+            self.journal.close()
 
     def request_stop(self, why: str) -> None:
         self.log.info('worker_stopping', reason=why, running=len(self.attempts.running))
@@ -334,15 +343,18 @@ class Worker:
     async def _journal_loop(self) -> None:
         while True:
             if self.store.breaker.seconds_until_probe() == 0:
-                try:
-                    written = await journal.reconcile(
-                        self.options.journal_dir, self.worker_id, self.store
-                    )
-                except StoreUnavailable:
-                    written = 0
-                if written:
-                    self.log.info('journal_reconciled', outcomes=written)
+                await self._reconcile_journal()
             await asyncio.sleep(self.attempts.heartbeat_interval_s)
+
+    async def _reconcile_journal(self) -> None:
+        try:
+            reconciled = await self.journal.reconcile(self.store)
+        except StoreUnavailable:
+            return
+        if reconciled.written or reconciled.set_aside:
+            self.log.info(
+                'journal_reconciled', outcomes=reconciled.written, set_aside=reconciled.set_aside
+            )
 
 
 async def serve(settings: Settings, options: WorkerOptions) -> None:

@@ -7,6 +7,7 @@ same worker with real step processes.
 
 import asyncio
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -360,12 +361,18 @@ async def test_past_the_drain_a_step_is_released_for_another_worker(
 async def test_a_crashed_side_task_stops_the_worker(
     harness: Harness, start_worker: Callable[..., Awaitable[Running]], tmp_path: Path
 ) -> None:
-    (tmp_path / 'journal').mkdir()
-    (tmp_path / 'journal' / 'journal-w-9.jsonl').write_text('not JSON\n')  # the reconciler fails
     running = await start_worker()
+    journal_dir = tmp_path / 'journal'
+
+    async def journal_open() -> bool:
+        return journal_dir.is_dir()
+
+    await eventually(journal_open, what='the journal open')
+    shutil.rmtree(journal_dir)
+    journal_dir.write_text('the disk under the journal is gone')  # the reconciler fails
     await asyncio.wait_for(running.serving, timeout=30)
     assert running.worker.crash is not None
-    assert running.worker.crash.startswith('side task journal crashed: JSONDecodeError')
+    assert running.worker.crash.startswith('side task journal crashed: NotADirectoryError')
 
 
 async def test_a_queue_deleted_under_the_worker_is_said_plainly_and_backed_off(
