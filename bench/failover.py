@@ -73,7 +73,7 @@ def one_failover(database_url: str, scratch: Path, fault: str, index: int) -> di
                 target = urlsplit(database_url)
                 proxy = stack.enter_context(FaultProxy('127.0.0.1', target.port or 5432))
                 proxies[worker_id] = proxy
-                env['DATABASE_URL'] = target._replace(
+                env['DAGSTER_TASKIQ_DATABASE_URL'] = target._replace(  # the op's own is direct
                     netloc=f'{target.username}@127.0.0.1:{proxy.port}'
                 ).geturl()
             workers.append(spawn_worker(worker_id, scratch, '--concurrency', '1', env=env))

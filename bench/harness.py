@@ -7,6 +7,7 @@ import `bench_jobs` (bench/ is put on PYTHONPATH, so every child process finds i
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def bench_stack() -> Iterator[BenchStack]:
                     'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': moto.url,
                     'DAGSTER_TASKIQ_QUEUE_NAME': f'bench-{uuid.uuid4().hex[:8]}',
                     'DAGSTER_CELERY_BROKER_HOST': '127.0.0.1',
+                    'DAGSTER_TASKIQ_SIGNING_KEY': secrets.token_hex(16),  # workers require one
                 }
             )
             asyncio.run(bootstrap_queues(Settings()))

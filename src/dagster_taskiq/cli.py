@@ -170,6 +170,13 @@ def bootstrap_command() -> None:
     show_default=True,
     help='Where outcomes wait while the database is unreachable.',
 )
+@env_option(
+    '--allow-unsigned',
+    env='ALLOW_UNSIGNED',
+    is_flag=True,
+    help='Without a signing key, run unsigned messages (anyone who can send to the queue can '
+    'then choose what runs); by default a worker without a key refuses to start.',
+)
 @logging_options
 def worker(
     concurrency: int,
@@ -179,6 +186,7 @@ def worker(
     preload: tuple[str, ...],
     worker_id: str | None,
     journal_dir: Path,
+    allow_unsigned: bool,
     log_level: str,
     log_format: Literal['json', 'console'] | None,
 ) -> None:
@@ -196,6 +204,7 @@ def worker(
             preload=preload,
             worker_id=worker_id or default_worker_id(),
             journal_dir=journal_dir,
+            allow_unsigned=allow_unsigned,
         )
         run_async(serve(load_settings(), options))
 

@@ -33,7 +33,7 @@ from dagster._core.executor.step_delegating import (
 from sqlalchemy.engine import RowMapping
 
 from dagster_taskiq import message
-from dagster_taskiq.errors import DagsterTaskiqError, RunStopping
+from dagster_taskiq.errors import RunStopping
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
 from dagster_taskiq.store import StepState, Store
@@ -155,7 +155,13 @@ class SqsStepHandler(StepHandler):
 
     # ----- launch -----
 
-    async def _enqueue(self, task: message.OpExecutionTask) -> str:
+    async def _enqueue(self, task: message.OpExecutionTask) -> str | None:
+        """Record the attempt QUEUED and send its message: the message id.
+
+        An attempt launched before (Dagster relaunches its in-flight steps when it resumes a
+        run) is re-attached, never run twice: still QUEUED, its message is sent again (the claim
+        absorbs a duplicate); otherwise nothing is sent (None) and the health check follows it.
+        """
         recorded = await self._store.record_enqueued(
             task.idempotency_key,
             run_id=task.run_id,
@@ -165,10 +171,8 @@ class SqsStepHandler(StepHandler):
         )
         if not recorded:
             row = await self._store.get_execution(task.idempotency_key)
-            raise DagsterTaskiqError(
-                f'attempt {task.idempotency_key} was launched before (now {row and row["state"]}); '
-                'an attempt key runs at most once'
-            )
+            if row is None or row['state'] != StepState.QUEUED:
+                return None
         queue = await self._opened_queue()
         body = message.encode(task, self.settings.signing_key_bytes)
         attributes: dict[str, str | int] = {
@@ -191,11 +195,20 @@ class SqsStepHandler(StepHandler):
             # launched, and TaskiqExecutor.execute cancels what is in flight.
             raise DagsterExecutionInterruptedError(str(stopping)) from stopping
         # Events yielded here are discarded by Dagster, so this one is written, not yielded.
-        DagsterEvent.step_worker_starting(
-            step_handler_context.get_step_context(task.step_key),
-            f'Queued attempt {task.attempt} of step "{task.step_key}" on SQS.',
-            metadata={'idempotency_key': task.idempotency_key, 'message_id': message_id},
-        )
+        step_context = step_handler_context.get_step_context(task.step_key)
+        if message_id is None:
+            DagsterEvent.engine_event(
+                step_context,
+                f'Attempt {task.attempt} of step "{task.step_key}" was launched before: '
+                're-attached to it (its health check follows it)',
+                EngineEventData(metadata={'idempotency_key': task.idempotency_key}),
+            )
+        else:
+            DagsterEvent.step_worker_starting(
+                step_context,
+                f'Queued attempt {task.attempt} of step "{task.step_key}" on SQS.',
+                metadata={'idempotency_key': task.idempotency_key, 'message_id': message_id},
+            )
         yield from ()
 
     # ----- health -----

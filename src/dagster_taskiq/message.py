@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dagster._core.instance.ref import InstanceRef
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
 
@@ -163,3 +164,27 @@ def step_args(task: OpExecutionTask) -> ExecuteStepArgs:
             f'bad execute_step_args: they run {key!r}, the message says {task.idempotency_key!r}'
         )
     return args
+
+
+# Where a Dagster instance keeps its runs and events: two instances with the same storage are the
+# same instance to a step, whatever their other settings or their home's path
+InstanceStorage = tuple[object, object] | None
+
+
+def instance_storage(ref: InstanceRef | None) -> InstanceStorage:
+    return None if ref is None else (ref.run_storage_data, ref.event_storage_data)
+
+
+def check_instance(args: ExecuteStepArgs, storage: InstanceStorage) -> None:
+    """InvalidMessage unless `args` name the Dagster instance whose storage is `storage`."""
+    named = instance_storage(args.instance_ref)
+    if named != storage:
+        classes = 'none' if named is None else ', '.join(type_name(data) for data in named)
+        raise InvalidMessage(
+            f'foreign instance: the message names a Dagster instance ({classes}) whose storage '
+            "is not this worker's (DAGSTER_HOME)"
+        )
+
+
+def type_name(data: object) -> str:
+    return str(getattr(data, 'class_name', type(data).__name__))

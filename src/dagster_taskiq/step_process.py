@@ -34,6 +34,7 @@ from dagster import (
 from dagster._cli.api import _execute_step_command_body
 from dagster._core.events import DagsterEventBatchMetadata
 from dagster._grpc.types import ExecuteStepArgs
+from dagster._record import copy
 from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils.interrupts import capture_interrupts
 
@@ -120,12 +121,13 @@ def warm_up() -> None:
 
 
 @contextlib.contextmanager
-def _instance(args: ExecuteStepArgs) -> Iterator[DagsterInstance]:
-    """The warm instance when the run uses the same one, else one built from the run's ref."""
-    if _warm_instance is not None and _warm_instance.get_ref() == args.instance_ref:
+def _instance() -> Iterator[DagsterInstance]:
+    """The worker's own Dagster instance (DAGSTER_HOME), never one a message names: the worker
+    has checked that the message's run reports to this instance's storage."""
+    if _warm_instance is not None:
         yield _warm_instance  # the process ends with the step: nothing to dispose
         return
-    with DagsterInstance.from_ref(args.instance_ref) as instance:  # type: ignore[arg-type]
+    with DagsterInstance.get() as instance:
         yield instance
 
 
@@ -161,7 +163,8 @@ def _withhold_terminal_event(
 
 def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
     step_key, _, _ = step_identity(args)
-    with _instance(args) as instance:
+    args = copy(args, should_verify_step=True)  # whatever the message says: one start per attempt
+    with _instance() as instance:
         keep_storage_connections(instance)
         run = find_run(instance, args.run_id)
         if run is None:

@@ -224,6 +224,10 @@ class Store:
         if not task.cancelled():
             task.exception()  # retrieved: the caller has long had its StoreUnavailable
 
+    async def ping(self) -> None:
+        """StoreUnavailable unless the database answers (within the call timeout)."""
+        await self._first('ping')
+
     async def check_schema(self) -> None:
         """ConfigError unless every migration is applied (StoreUnavailable: no database)."""
         from alembic.script import ScriptDirectory
@@ -324,6 +328,14 @@ class Store:
         if row['run_status'] in STOPPING_RUN_STATUSES:
             raise RunStopping(f'run {run_id} is {row["run_status"]}: {key} not launched')
         return bool(row['recorded'])
+
+    async def reclaim(self, key: str, *, worker_id: str, lease_s: float) -> Claimed | None:
+        """Take back, under a new token, a RUNNING attempt that `worker_id` owns but does not run
+        (its claim's answer was lost); None when it is not that."""
+        row = await self._first('reclaim', key=key, worker_id=worker_id, lease_s=lease_s)
+        if row is None:
+            return None
+        return Claimed(token=row['lease_token'], lease_expires_at=row['lease_expires_at'])
 
     async def claim(self, key: str, *, worker_id: str, lease_s: float) -> Claimed | Refused:
         """Win the key for `worker_id` if it is QUEUED; else count the delivery and say why not."""

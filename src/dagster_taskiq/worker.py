@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dagster._core.instance.ref import InstanceRef
+
 from dagster_taskiq import journal, message
 from dagster_taskiq.attempts import (
     STOP_GRACE_S,
@@ -36,6 +38,7 @@ from dagster_taskiq.defaults import (
 )
 from dagster_taskiq.errors import (
     CircuitOpen,
+    ConfigError,
     DagsterTaskiqError,
     InvalidMessage,
     QueueMissing,
@@ -68,6 +71,7 @@ class WorkerOptions:
     preload: Sequence[str] = ()
     worker_id: str = field(default_factory=default_worker_id)
     journal_dir: Path = DEFAULT_JOURNAL_DIR
+    allow_unsigned: bool = False  # without a signing key, run unsigned messages (else refuse)
 
 
 async def until_set(event: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
@@ -107,8 +111,10 @@ class Worker:
         runner: StepRunner,
         settings: Settings,
         options: WorkerOptions,
+        instance_storage: message.InstanceStorage = None,
     ) -> None:
         self.queue = queue
+        self.instance_storage = instance_storage  # messages must name this Dagster instance
         self.store = store
         self.runner = runner
         self.settings = settings
@@ -211,6 +217,10 @@ class Worker:
             if pause_s > 0:
                 await until_set(self.stop, asyncio.sleep(pause_s))
                 continue
+            if self.store.breaker.failures and not await self._store_answers():
+                failures += 1  # cut off from the store: take no message it could not claim
+                await until_set(self.stop, asyncio.sleep(self._backoff_s(failures)))
+                continue
             try:
                 received = await self._receive()
             except CircuitOpen:
@@ -228,6 +238,16 @@ class Worker:
                 task = asyncio.create_task(self._handle(item), name=f'message-{item.message_id}')
                 self.message_tasks.add(task)
                 task.add_done_callback(self._message_done)
+
+    async def _store_answers(self) -> bool:
+        """After a failed store call: whether the store answers now (else a message received
+        would wait out a claim's timeout here instead of going to a worker that can claim it)."""
+        try:
+            await until_set(self.stop, self.store.ping())
+        except StoreUnavailable as error:
+            self.log.warning('store_unreachable', error=str(error))
+            return False
+        return True
 
     def _backoff_s(self, failures: int) -> float:
         """1, 2, 4, 8, 16 s (by default) after 1, 2, 3, 4, 5+ failed receives in a row."""
@@ -277,7 +297,7 @@ class Worker:
     async def _handle(self, received: Received) -> None:
         try:
             task = message.parse(received.body, self.settings.signing_key_bytes)
-            message.step_args(task)
+            message.check_instance(message.step_args(task), self.instance_storage)
         except InvalidMessage as error:
             await self._dead_letter(received, str(error))
             return
@@ -301,6 +321,16 @@ class Worker:
         if claim.state is None:
             await self._dead_letter(received, f'unknown attempt key {key}')
             return
+        if claim.owner == self.worker_id and key not in self.attempts.running:
+            claim_sent_at = time.monotonic()
+            reclaimed = await store_call(
+                self.store.reclaim(key, worker_id=self.worker_id, lease_s=self.settings.lease_s),
+                self.log,
+            )
+            if reclaimed is not None:  # our claim committed, its answer was lost
+                log_step(self.log, task, 'step_reclaimed', state=str(claim.state))
+                await self.attempts.execute(task, received, reclaimed.token, claim_sent_at)
+                return
         if claim.state is StepState.RUNNING and claim.abandonable and claim.token is not None:
             reason = await store_call(self.store.abandon(key, token=claim.token), self.log)
             log_step(self.log, task, 'step_abandoned', reason=reason, previous_owner=claim.owner)
@@ -357,18 +387,38 @@ class Worker:
             )
 
 
+def own_instance_ref() -> InstanceRef:
+    """The Dagster instance of DAGSTER_HOME: the only one this worker runs steps against."""
+    home = os.environ.get('DAGSTER_HOME')
+    if not home:
+        raise ConfigError(
+            'DAGSTER_HOME is not set: a worker runs steps only against its own Dagster instance '
+            '(the dagster.yaml of the run workers, on the same PostgreSQL storage)'
+        )
+    try:
+        return InstanceRef.from_dir(home)
+    except Exception as error:  # Dagster raises several types for a bad home
+        raise ConfigError(f'DAGSTER_HOME={home} is not a usable Dagster home: {error}') from error
+
+
 async def serve(settings: Settings, options: WorkerOptions) -> None:
     """Open the queue and the store, then run a worker until SIGTERM/SIGINT.
 
     Raises DagsterTaskiqError (after the drain) when a side task crashed the worker.
     """
+    if settings.signing_key is None and not options.allow_unsigned:
+        raise ConfigError(
+            'no signing key: set DAGSTER_TASKIQ_SIGNING_KEY (the run workers need the same one), '
+            'or start with --allow-unsigned to run messages anyone who can send to the queue wrote'
+        )
+    storage = message.instance_storage(own_instance_ref())
     store = Store.from_settings(settings)
     try:
         await store.check_schema()
         await store.check_dagster_storage()
         async with open_queue(settings) as queue:
             runner = ForkserverStepRunner(options.preload)
-            worker = Worker(queue, store, runner, settings, options)
+            worker = Worker(queue, store, runner, settings, options, storage)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, worker.request_stop, signal.Signals(signum).name)

@@ -7,6 +7,7 @@ local-stack issues make it the long-running stack of DESIGN.md (webserver, daemo
 
 import asyncio
 import os
+import secrets
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -119,6 +120,7 @@ def up(
             'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': server.url,
         }
     )
+    os.environ.setdefault('DAGSTER_TASKIQ_SIGNING_KEY', secrets.token_hex(16))  # workers need one
     started = []
     try:
         with reported_errors(log_level):

@@ -13,11 +13,14 @@ from typing import Any
 import boto3
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.instance.ref import InstanceRef
+from dagster._grpc.types import ExecuteStepArgs, ResumeRunArgs
 
 from dagster_taskiq import message
 from dagster_taskiq.step_process import TERMINAL_EVENTS
 from tests.e2e.conftest import (
     LEASE_S,
+    SIGNING_KEY,
     STEP_START_TIMEOUT_S,
     Stack,
     WorkerProcess,
@@ -25,6 +28,7 @@ from tests.e2e.conftest import (
     run,
     slow_config,
 )
+from tests.e2e.jobs import demo_job
 from tests.logs import events
 from tests.waiting import wait_until
 
@@ -145,6 +149,19 @@ def test_malformed_and_forged_messages_go_to_the_dlq(
     client.send_message(
         QueueUrl=stack.urls.queue_url, MessageBody=message.encode(forged, b'not-the-key')
     )
+    foreign_home = stack.tmp_path / 'foreign_home'  # another instance's storage: its own SQLite
+    foreign_home.mkdir()
+    (foreign_home / 'dagster.yaml').write_text('telemetry:\n  enabled: false\n')
+    args = ExecuteStepArgs(
+        job_origin=demo_job('fast_job').get_python_origin(),
+        run_id='run-y',
+        step_keys_to_execute=['ping'],
+        instance_ref=InstanceRef.from_dir(str(foreign_home)),
+    )
+    foreign = message.build_task(args, job_name='fast_job', enqueued_at=time.time())
+    client.send_message(  # signed with the right key: only the instance is wrong
+        QueueUrl=stack.urls.queue_url, MessageBody=message.encode(foreign, SIGNING_KEY.encode())
+    )
     worker = stack.start_worker(concurrency=1)
 
     def dead_letters() -> list[str]:
@@ -157,12 +174,13 @@ def test_malformed_and_forged_messages_go_to_the_dlq(
         found = [
             m['MessageAttributes']['reason']['StringValue'] for m in response.get('Messages', [])
         ]
-        return found if len(found) == 2 else []
+        return found if len(found) == 3 else []
 
-    reasons = sorted(wait_until(dead_letters, what='two dead letters'))
+    reasons = sorted(wait_until(dead_letters, what='three dead letters'))
     assert reasons[0].startswith('bad JSON')
     assert reasons[1].startswith('bad signature')
-    assert len(events(worker.log(), 'message_rejected')) == 2
+    assert reasons[2].startswith('foreign instance: the message names a Dagster instance')
+    assert len(events(worker.log(), 'message_rejected')) == 3
     ok, _ = run(instance, 'fast_job')
     assert ok  # the worker kept serving
 
@@ -356,3 +374,53 @@ def test_terminating_a_fifty_step_run_mid_flight(stack: Stack, instance: Dagster
             assert ended == [] and 'Dagster did not execute the step (run CANCEL' in row['error']
         else:
             assert row['state'] in ('COMPLETED', 'CANCELLED'), seen
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_its_run_worker_died_finishes(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """The run worker and the step's worker are killed mid-step; once the attempt's lease has
+    expired past its grace, the run is resumed as Dagster's run monitoring does (`dagster api
+    resume_run`). Dagster relaunches the in-flight step under the same attempt key: that must
+    re-attach to the dead attempt (never run it twice, never fail the run on the key), and the
+    op's RetryPolicy then runs it as attempt 1."""
+    [doomed] = stack.start_workers(1, 1)
+    config = {'ops': {'recorded_sleep': {'config': {'seconds': 60, 'retry_seconds': 0.2}}}}
+    runner, dagster_run = start_run(instance, 'recorded_job', config)
+    run_id = dagster_run.run_id
+    try:
+        wait_until(
+            lambda: running_row(stack, 'recorded_sleep'),
+            timeout_s=STEP_START_TIMEOUT_S,
+            what='the step running',
+        )
+    finally:
+        runner.kill()  # the run worker dies: the run stays STARTED, its step is in flight
+        runner.wait()
+        doomed.process.kill()  # and so does the step, with its worker
+        doomed.process.wait()
+    wait_until(
+        lambda: stack.rows(
+            'SELECT 1 FROM step_executions WHERE run_id = %(run_id)s'
+            " AND lease_expires_at + interval '1.5 seconds' < now()",
+            run_id=run_id,
+        ),
+        what='the dead attempt abandonable',
+    )
+    stack.start_worker(concurrency=1)
+    resume = ResumeRunArgs(
+        job_origin=demo_job('recorded_job').get_python_origin(),
+        run_id=run_id,
+        instance_ref=instance.get_ref(),
+    )
+    command = [sys.executable, '-m', *resume.get_command_args()]  # `dagster api resume_run ...`
+    resumed = subprocess.run(command, env=os.environ.copy(), timeout=180)
+    assert resumed.returncode == 0
+    assert instance.get_run_by_id(run_id).status == DagsterRunStatus.SUCCESS
+    assert [(a, s) for step, a, s in attempts(stack, run_id) if step == 'recorded_sleep'] == [
+        (0, 'ABANDONED'),
+        (1, 'COMPLETED'),
+    ]
+    successes = step_events(instance, run_id, DagsterEventType.STEP_SUCCESS)
+    assert sorted(r.event_log_entry.step_key for r in successes) == ['add_one', 'recorded_sleep']

@@ -192,7 +192,8 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
     on the other worker); cut off from SQS, it keeps its lease and finishes. Either way the op's
     own record shows no two attempts at once, and Dagster and the store agree."""
     target = urlsplit(stack.database_url if cut == 'store' else stack.env[ENDPOINT_VARIABLE])
-    variable = 'DATABASE_URL' if cut == 'store' else ENDPOINT_VARIABLE
+    # the worker's store only: the op records its own liveness directly (DATABASE_URL), uncut
+    variable = 'DAGSTER_TASKIQ_DATABASE_URL' if cut == 'store' else ENDPOINT_VARIABLE
     with (
         FaultProxy('127.0.0.1', target.port or 0) as first,
         FaultProxy('127.0.0.1', target.port or 0) as second,

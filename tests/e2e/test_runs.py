@@ -3,6 +3,7 @@
 import json
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import boto3
 import pytest
@@ -159,11 +160,16 @@ def test_a_step_queued_too_long_fails_with_the_queue_and_worker_counts(
 
 
 @pytest.mark.slow
-def test_a_worker_without_the_runs_dagster_home_builds_each_steps_instance(
+def test_a_worker_with_its_own_home_on_the_same_storage_runs_the_steps(
     stack: Stack, instance: DagsterInstance
 ) -> None:
-    """No warm instance in the forkserver: every step builds one from its run's instance ref."""
-    [worker] = stack.start_workers(1, 2, env={'DAGSTER_HOME': ''})
+    """A worker's DAGSTER_HOME is its own folder (as in its own container), with the run workers'
+    storage: it is the same instance to a step, and the steps run against it."""
+    home = stack.tmp_path / 'worker_home'
+    home.mkdir()
+    runs_home = Path(stack.env['DAGSTER_HOME'])
+    (home / 'dagster.yaml').write_text((runs_home / 'dagster.yaml').read_text())
+    [worker] = stack.start_workers(1, 2, env={'DAGSTER_HOME': str(home)})
     ok, run_id = run(instance, 'fast_job')
     assert ok
     assert {state for _, _, state in attempts(stack, run_id)} == {'COMPLETED'}

@@ -27,6 +27,7 @@ from dagster_taskiq.sqs import bootstrap_queues, open_queue
 from dagster_taskiq.store import Store
 from dagster_taskiq_demo.ecs_agent import bootstrap_ecs
 from dagster_taskiq_demo.emulator import start_moto
+from tests.conftest import migrate
 from tests.logs import events
 from tests.waiting import eventually
 
@@ -88,11 +89,16 @@ def services(
 ) -> Iterator[tuple[Settings, Path, dict[str, subprocess.Popen[bytes]]]]:
     """The auto-scaler and the local ECS agent as processes of their own; stopped afterwards."""
     settings = scaling_settings
-    store.upgrade(database_url)
+    migrate(database_url)  # the workers need Dagster's tables beside the store's
     asyncio.run(bootstrap_queues(settings))
     bootstrap_ecs(ecs(settings), settings.ecs_cluster, settings.worker_service)
+    home = tmp_path / 'dagster_home'  # the workers' Dagster instance (they run no step here)
+    home.mkdir()
+    (home / 'dagster.yaml').write_text('telemetry:\n  enabled: false\n')
     env = {
         **os.environ,
+        'DAGSTER_HOME': str(home),
+        'DAGSTER_TASKIQ_SIGNING_KEY': 'autoscaling-test-key',
         'DATABASE_URL': database_url,
         'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': str(settings.aws_endpoint_url),
         'DAGSTER_TASKIQ_QUEUE_NAME': settings.queue_name,

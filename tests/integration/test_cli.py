@@ -25,6 +25,34 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
 
 
+@pytest.fixture(autouse=True)
+def worker_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signing key and a Dagster home, which every worker needs to start (tests of their
+    absence remove them)."""
+    home = tmp_path / 'dagster_home'
+    home.mkdir()
+    (home / 'dagster.yaml').write_text('telemetry:\n  enabled: false\n')
+    monkeypatch.setenv('DAGSTER_HOME', str(home))
+    monkeypatch.setenv('DAGSTER_TASKIQ_SIGNING_KEY', 'cli-test-key')
+
+
+def test_a_worker_without_a_signing_key_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv('DAGSTER_TASKIQ_SIGNING_KEY')
+    error = one_line_error(cli('worker', env={'DATABASE_URL': UNREACHABLE_DATABASE}))
+    assert 'no signing key: set DAGSTER_TASKIQ_SIGNING_KEY' in error
+    assert '--allow-unsigned' in error
+    allowed = cli('worker', '--allow-unsigned', env={'DATABASE_URL': UNREACHABLE_DATABASE})
+    assert 'database unreachable' in one_line_error(allowed)  # past the key, to the next check
+
+
+def test_a_worker_without_a_dagster_home_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv('DAGSTER_HOME')
+    error = one_line_error(cli('worker'))
+    assert 'DAGSTER_HOME is not set: a worker runs steps only against its own Dagster instance' in (
+        error
+    )
+
+
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     """The error a start-up failure printed: one line, last, exit code 1, no traceback.
 

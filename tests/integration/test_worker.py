@@ -261,6 +261,23 @@ async def test_a_message_is_claimed_run_and_finished_with_its_effects(
     assert (event.step_key, event.dagster_event_type) == ('noop', DagsterEventType.STEP_SUCCESS)
 
 
+async def test_a_claim_whose_answer_was_lost_is_taken_back_by_its_worker(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    """The claim committed but its answer never came back (a connection cut at COMMIT): the
+    attempt is RUNNING under this worker's id with nothing running it. When the message comes
+    back, the worker takes it back under a new token and runs it, instead of dropping it until
+    the lease expires and a retry is spent."""
+    task = await harness.enqueue()
+    lost = await harness.db.claim(task.idempotency_key, worker_id='w-0', lease_s=60)
+    assert isinstance(lost, Claimed)
+    running = await start_worker()  # w-0, as the first worker the fixture starts
+    await harness.reaches(task, StepState.COMPLETED)
+    assert len(running.runner.runs) == 1
+    [start] = await harness.db.list_log(task.run_id)  # the lost claim's start, moved, closed
+    assert (start['outcome'], start['lease_token'] > lost.token) == ('COMPLETED', True)
+
+
 async def test_a_duplicate_delivery_is_refused_and_deleted(
     harness: Harness, start_worker: Callable[..., Awaitable[Running]]
 ) -> None:

@@ -34,6 +34,32 @@ WITH claimed AS (
 )
 SELECT lease_token, lease_expires_at FROM claimed
 
+-- name: reclaim
+-- A worker's own RUNNING attempt that it is not running: its claim committed but the answer was
+-- lost (a connection cut at COMMIT), or it is the same worker id restarted (the step processes
+-- of its previous process died with it). A new token; the start the lost claim logged, under
+-- which no user code ran, moves to it.
+WITH previous AS (
+  SELECT idempotency_key, lease_token FROM step_executions
+  WHERE idempotency_key = :key AND state = 'RUNNING' AND owner = :worker_id
+  FOR UPDATE
+), reclaimed AS (
+  UPDATE step_executions AS execution
+  SET lease_token = nextval('lease_token_seq'),
+      lease_expires_at = now() + make_interval(secs => :lease_s)
+  FROM previous
+  WHERE execution.idempotency_key = previous.idempotency_key
+  RETURNING execution.idempotency_key, execution.lease_token, execution.lease_expires_at,
+            previous.lease_token AS previous_token
+), relogged AS (
+  UPDATE execution_log AS log
+  SET lease_token = reclaimed.lease_token
+  FROM reclaimed
+  WHERE log.idempotency_key = reclaimed.idempotency_key
+    AND log.lease_token = reclaimed.previous_token
+)
+SELECT lease_token, lease_expires_at FROM reclaimed
+
 -- name: refuse
 -- A delivery that lost the claim: count it and say why.
 UPDATE step_executions
@@ -216,3 +242,6 @@ WHERE log.run_id = :run_id AND log.outcome IS NULL
 -- Dagster's tables that the store reads or writes: `finish` writes the attempt's terminal event
 -- to event_logs, `record_enqueued` reads the run's status in runs.
 SELECT to_regclass('event_logs') AS event_logs, to_regclass('runs') AS runs
+
+-- name: ping
+SELECT 1 AS answered
