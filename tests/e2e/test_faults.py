@@ -4,8 +4,11 @@ The demo op `recorded_sleep` writes its own record of when each attempt's user c
 last alive and ended (`demo_op_runs`), outside the store and Dagster: what the tests check.
 """
 
+import asyncio
 import itertools
 import signal
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,10 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import boto3
 import psycopg
 import pytest
 from dagster import DagsterEventType, DagsterInstance
 
+from dagster_taskiq.settings import Settings
+from dagster_taskiq.sqs import bootstrap_queues
 from dagster_taskiq_demo.definitions import ALIVE_INTERVAL_S
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
 from dagster_taskiq_demo.stack import WorkerProcess
@@ -28,6 +34,8 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.slow
 STEP = 'recorded_sleep'
 ENDPOINT_VARIABLE = 'DAGSTER_TASKIQ_AWS_ENDPOINT_URL'
+# A store outage this long outlasts 2 deliveries each taken, deferred 5 s and taken again
+OUTAGE_S = 20.0
 
 
 def recorded_config(seconds: float, with_child: bool = False) -> dict[str, Any]:
@@ -220,6 +228,41 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
     assert logged == expected
     if cut == 'sqs':  # the cut took effect: the message's visibility could not be extended
         assert events(partitioned.log(), 'visibility_not_extended')
+
+
+@pytest.mark.timeout(180)
+def test_a_store_outage_longer_than_the_redrive_strands_nothing(
+    stack: Stack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers' link to PostgreSQL drops every packet for longer than SQS's redrive would
+    take (2 receives here) if each delivery were taken and deferred: a worker that cannot reach
+    the store stops taking messages, so the message is still in the queue when the store returns,
+    the run finishes, and the DLQ stays empty."""
+    monkeypatch.setenv('DAGSTER_TASKIQ_QUEUE_NAME', f'outage-{uuid.uuid4().hex[:8]}')
+    monkeypatch.setenv('DAGSTER_TASKIQ_MAX_RECEIVE_COUNT', '2')
+    urls = asyncio.run(bootstrap_queues(Settings()))
+    target = urlsplit(stack.database_url)
+    with FaultProxy('127.0.0.1', target.port or 0) as proxy:
+        through_proxy = target._replace(netloc=f'{target.hostname}:{proxy.port}').geturl()
+        env = {
+            'DAGSTER_TASKIQ_DATABASE_URL': through_proxy,  # the workers' store only
+            'DAGSTER_TASKIQ_STORE_CALL_TIMEOUT_S': '2',
+        }
+        [worker] = stack.start_workers(1, 1, env=env)
+        proxy.set_mode(Mode.DROP)
+        with ThreadPoolExecutor(1) as pool:
+            outcome = pool.submit(run, instance, 'recorded_job', recorded_config(0.2))
+            wait_until(lambda: events(worker.log(), 'claim_deferred'), what='a claim deferred')
+            time.sleep(OUTAGE_S)  # the fault's length, not a wait for anything
+            proxy.set_mode(Mode.RESET)  # the dropped connections end; new ones get through
+            proxy.set_mode(Mode.PASS)
+            ok, run_id = outcome.result(timeout=60)  # stranded, it would never end
+    assert ok
+    assert [(a, s) for step, a, s in attempts(stack, run_id) if step == STEP] == [(0, 'COMPLETED')]
+    dead = boto3.client(
+        'sqs', endpoint_url=stack.env[ENDPOINT_VARIABLE], region_name='us-east-1'
+    ).receive_message(QueueUrl=urls.dlq_url, WaitTimeSeconds=0)
+    assert dead.get('Messages', []) == []
 
 
 def test_a_database_reset_under_the_run_and_the_workers(
