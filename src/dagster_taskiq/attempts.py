@@ -106,7 +106,7 @@ class AttemptSupervisor:
 
         `claim_sent_at`: time.monotonic() when the claim that won the lease was sent.
         """
-        step = RunningStep(task, received, token, claim_sent_at, run=self.runner.run(task))
+        step = RunningStep(task, received, token, claim_sent_at, run=await self.runner.run(task))
         self.running[task.idempotency_key] = step
         self.metrics.in_flight.inc()
         log_step(self.log, task, 'step_started', pid=step.run.pid)

@@ -10,6 +10,7 @@ event loop and threads. What runs inside the step process is `step_process.run_s
 import asyncio
 import contextlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 from collections.abc import Sequence
@@ -63,7 +64,11 @@ class StepRunner(Protocol):
         """Get ready to run steps (the forkserver imports dagster once, here)."""
         ...
 
-    def run(self, task: OpExecutionTask) -> StepRun: ...
+    async def ready(self) -> None:
+        """Be able to start a step at once (before an attempt is claimed, whose lease runs)."""
+        ...
+
+    async def run(self, task: OpExecutionTask) -> StepRun: ...
 
 
 async def _readable(*handles: int) -> None:
@@ -92,6 +97,15 @@ def _received(reader: Connection) -> Any:
         return None
 
 
+def _forkserver_restarted() -> bool:
+    """Whether the forkserver had died and was started again (multiprocessing tells only through
+    its forkserver's pid: a private attribute)."""
+    server = multiprocessing.forkserver._forkserver
+    before = server._forkserver_pid  # type: ignore[attr-defined]
+    server.ensure_running()
+    return bool(server._forkserver_pid != before)  # type: ignore[attr-defined]
+
+
 class ProcessStepRun:
     def __init__(self, process: BaseProcess, reader: Connection, keep_alive: Connection) -> None:
         self.process = process
@@ -106,9 +120,15 @@ class ProcessStepRun:
 
     async def outcome(self) -> StepOutcome:
         """Read the outcome while the process is alive (a large one would not fit the pipe's
-        buffer and block its exit), then wait for the exit."""
+        buffer and block its exit), then wait for the exit.
+
+        The end is learnt from the outcome pipe, whose sending end only the step process holds
+        (end of file: it has exited), not from the process sentinel: a forkserver's child
+        reports its exit through the forkserver, and a forkserver that died would make every
+        running step look dead.
+        """
         try:
-            await _readable(self.reader.fileno(), self.process.sentinel)
+            await _readable(self.reader.fileno())
             sent: StepOutcome | None = await asyncio.to_thread(_received, self.reader)
             if self.process.is_alive():
                 await _readable(self.process.sentinel)
@@ -177,7 +197,13 @@ class ForkserverStepRunner:
         if failed:
             raise ConfigError(f'--preload module cannot be imported: {"; ".join(failed)}')
 
-    def run(self, task: OpExecutionTask) -> ProcessStepRun:
+    async def ready(self) -> None:
+        """Start the forkserver again if it died, and wait until it serves (its preload takes
+        seconds), off the event loop and before the claim, whose lease would run out meanwhile."""
+        if await asyncio.to_thread(_forkserver_restarted):
+            await self.start()
+
+    async def run(self, task: OpExecutionTask) -> ProcessStepRun:
         reader, writer = self.context.Pipe(duplex=False)
         lifeline, keep_alive = self.context.Pipe(duplex=False)
         process = self.context.Process(
@@ -185,7 +211,8 @@ class ForkserverStepRunner:
             args=(task.execute_step_args, writer, lifeline),
             name=f'step {task.step_key}',
         )
-        process.start()
+        # off the event loop: a forkserver that died is started again here, preload and all
+        await asyncio.to_thread(process.start)
         writer.close()  # the step process holds the other ends now
         lifeline.close()
         return ProcessStepRun(process, reader, keep_alive)

@@ -125,6 +125,7 @@ class Worker:
         self.slot_freed = asyncio.Event()
         self.message_tasks: set[asyncio.Task[None]] = set()
         self.late_receive: asyncio.Future[list[Received]] | None = None
+        self.handling: set[str] = set()  # attempt keys of the messages this worker is handling
         self.crash: str | None = None  # why a side task stopped the worker
         self.log = log.bind(worker_id=self.worker_id)
         self.journal = journal.Journal(options.journal_dir, self.worker_id, self.log)
@@ -301,7 +302,20 @@ class Worker:
         except InvalidMessage as error:
             await self._dead_letter(received, str(error))
             return
+        # a second copy of a message this worker is already handling must not take it back
+        reclaimable = task.idempotency_key not in self.handling
+        self.handling.add(task.idempotency_key)
+        try:
+            await self._claim_and_run(task, received, reclaimable)
+        finally:
+            if reclaimable:
+                self.handling.discard(task.idempotency_key)
+
+    async def _claim_and_run(
+        self, task: message.OpExecutionTask, received: Received, reclaimable: bool
+    ) -> None:
         key = task.idempotency_key
+        await self.runner.ready()
         claim_sent_at = time.monotonic()
         try:
             claim = await self.store.claim(
@@ -321,7 +335,7 @@ class Worker:
         if claim.state is None:
             await self._dead_letter(received, f'unknown attempt key {key}')
             return
-        if claim.owner == self.worker_id and key not in self.attempts.running:
+        if claim.owner == self.worker_id and reclaimable:
             claim_sent_at = time.monotonic()
             reclaimed = await store_call(
                 self.store.reclaim(key, worker_id=self.worker_id, lease_s=self.settings.lease_s),

@@ -6,6 +6,7 @@ last alive and ended (`demo_op_runs`), outside the store and Dagster: what the t
 
 import asyncio
 import itertools
+import os
 import signal
 import time
 import uuid
@@ -228,6 +229,37 @@ def test_a_worker_cut_off_by_a_partition_never_overlaps_the_retry(
     assert logged == expected
     if cut == 'sqs':  # the cut took effect: the message's visibility could not be extended
         assert events(partitioned.log(), 'visibility_not_extended')
+
+
+def forkserver_of(worker: WorkerProcess) -> int:
+    """The pid of the worker's forkserver (its child running multiprocessing's forkserver)."""
+    children = [  # of every thread: a forkserver started again is a child of the thread doing it
+        child
+        for thread in Path(f'/proc/{worker.process.pid}/task').iterdir()
+        for child in (thread / 'children').read_text().split()
+    ]
+    [pid] = [int(c) for c in children if b'forkserver' in Path(f'/proc/{c}/cmdline').read_bytes()]
+    return pid
+
+
+def test_a_step_outlives_its_forkserver_and_the_next_step_gets_a_new_one(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """The forkserver (the warm parent of step processes) is killed while a step runs: that step
+    still completes as itself (not taken for dead and retried), and the next step starts from a
+    forkserver started again."""
+    [worker] = stack.start_workers(1, 1)
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'recorded_job', recorded_config(2))
+        row = running_attempt(stack)
+        wait_until(lambda: op_runs(stack, row['run_id']), what='the op recording')
+        forkserver = forkserver_of(worker)
+        os.kill(forkserver, signal.SIGKILL)
+        ok, run_id = outcome.result(timeout=120)
+    assert ok
+    assert attempts(stack, run_id) == [('add_one', 0, 'COMPLETED'), (STEP, 0, 'COMPLETED')]
+    assert [r['ended_at'] is not None for r in op_runs(stack, run_id)] == [True]
+    assert forkserver_of(worker) != forkserver  # started again for add_one
 
 
 @pytest.mark.timeout(180)

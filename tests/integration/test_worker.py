@@ -92,7 +92,10 @@ class CallableStepRunner:
     async def start(self) -> None:
         pass
 
-    def run(self, task: message.OpExecutionTask) -> CallableStepRun:
+    async def ready(self) -> None:
+        pass
+
+    async def run(self, task: message.OpExecutionTask) -> CallableStepRun:
         started = CallableStepRun(task, asyncio.create_task(self.body(task)))
         self.runs.append(started)
         return started
