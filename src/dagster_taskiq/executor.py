@@ -7,6 +7,7 @@ sync, as Dagster calls it; it runs the async store and queue on an event loop th
 """
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping
@@ -33,7 +34,7 @@ from dagster._core.executor.step_delegating import (
 from sqlalchemy.engine import RowMapping
 
 from dagster_taskiq import message
-from dagster_taskiq.errors import RunStopping
+from dagster_taskiq.errors import RunStopping, StoreUnavailable, TransportError
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
 from dagster_taskiq.store import StepState, Store
@@ -161,7 +162,10 @@ class SqsStepHandler(StepHandler):
         An attempt launched before (Dagster relaunches its in-flight steps when it resumes a
         run) is re-attached, never run twice: still QUEUED, its message is sent again (the claim
         absorbs a duplicate); otherwise nothing is sent (None) and the health check follows it.
+        A message that cannot be built records nothing; one that cannot be sent leaves its
+        attempt CANCELLED with the reason, not QUEUED for ever.
         """
+        body = message.encode(task, self.settings.signing_key_bytes)
         recorded = await self._store.record_enqueued(
             task.idempotency_key,
             run_id=task.run_id,
@@ -173,14 +177,13 @@ class SqsStepHandler(StepHandler):
             row = await self._store.get_execution(task.idempotency_key)
             if row is None or row['state'] != StepState.QUEUED:
                 return None
-        queue = await self._opened_queue()
-        body = message.encode(task, self.settings.signing_key_bytes)
-        attributes: dict[str, str | int] = {
-            'run_id': task.run_id,
-            'step_key': task.step_key,
-            'attempt': task.attempt,
-        }
-        return await queue.send(body, attributes)
+        try:
+            return await (await self._opened_queue()).send(body, message.attributes(task))
+        except TransportError as error:
+            reason = f'its message could not be sent: {error}'
+            with contextlib.suppress(StoreUnavailable):  # the send's error is the one to report
+                await self._store.cancel(task.idempotency_key, reason=reason, only_queued=True)
+            raise
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         task = message.build_task(

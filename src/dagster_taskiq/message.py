@@ -74,13 +74,23 @@ def _signature(fields: dict[str, Any], signing_key: bytes) -> str:
     return hmac.new(signing_key, _canonical(fields), hashlib.sha256).hexdigest()
 
 
+def attributes(task: OpExecutionTask) -> dict[str, str | int]:
+    """The SQS message attributes of the task's message (for filtering and tracing)."""
+    return {'run_id': task.run_id, 'step_key': task.step_key, 'attempt': task.attempt}
+
+
 def encode(task: OpExecutionTask, signing_key: bytes | None) -> str:
+    """The message body; InvalidMessage when body and attributes pass SQS's size limit."""
     fields = asdict(task)
     if signing_key is not None:
         fields[SIGNATURE_FIELD] = _signature(fields, signing_key)
     body = json.dumps(fields, separators=(',', ':'))
-    if len(body.encode()) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f'message too large: {len(body.encode())} bytes > {MAX_MESSAGE_BYTES}')
+    # SQS counts each attribute's name, data type and value against the limit too
+    extra = sum(len(f'{name}String{value}'.encode()) for name, value in attributes(task).items())
+    size = len(body.encode()) + extra
+    if size > MAX_MESSAGE_BYTES:
+        limit = MAX_MESSAGE_BYTES
+        raise InvalidMessage(f'message too large: {size} bytes with its attributes > {limit}')
     return body
 
 

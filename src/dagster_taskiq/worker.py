@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,8 @@ class Worker:
         self.slot_freed = asyncio.Event()
         self.message_tasks: set[asyncio.Task[None]] = set()
         self.late_receive: asyncio.Future[list[Received]] | None = None
-        self.handling: set[str] = set()  # attempt keys of the messages this worker is handling
+        # how many copies of each attempt key's message this worker is handling right now
+        self.handling: Counter[str] = Counter()
         self.crash: str | None = None  # why a side task stopped the worker
         self.log = log.bind(worker_id=self.worker_id)
         self.journal = journal.Journal(options.journal_dir, self.worker_id, self.log)
@@ -302,18 +304,15 @@ class Worker:
         except InvalidMessage as error:
             await self._dead_letter(received, str(error))
             return
-        # a second copy of a message this worker is already handling must not take it back
-        reclaimable = task.idempotency_key not in self.handling
-        self.handling.add(task.idempotency_key)
+        self.handling[task.idempotency_key] += 1
         try:
-            await self._claim_and_run(task, received, reclaimable)
+            await self._claim_and_run(task, received)
         finally:
-            if reclaimable:
-                self.handling.discard(task.idempotency_key)
+            self.handling[task.idempotency_key] -= 1
+            if not self.handling[task.idempotency_key]:
+                del self.handling[task.idempotency_key]
 
-    async def _claim_and_run(
-        self, task: message.OpExecutionTask, received: Received, reclaimable: bool
-    ) -> None:
+    async def _claim_and_run(self, task: message.OpExecutionTask, received: Received) -> None:
         key = task.idempotency_key
         await self.runner.ready()
         claim_sent_at = time.monotonic()
@@ -335,7 +334,9 @@ class Worker:
         if claim.state is None:
             await self._dead_letter(received, f'unknown attempt key {key}')
             return
-        if claim.owner == self.worker_id and reclaimable:
+        # our own attempt, and no other copy of its message in hand here (which may be the one
+        # that claimed it and is starting its step): our claim's answer was lost
+        if claim.owner == self.worker_id and self.handling[key] == 1:
             claim_sent_at = time.monotonic()
             reclaimed = await store_call(
                 self.store.reclaim(key, worker_id=self.worker_id, lease_s=self.settings.lease_s),

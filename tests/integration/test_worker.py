@@ -88,12 +88,14 @@ class CallableStepRun:
 class CallableStepRunner:
     body: StepBody
     runs: list[CallableStepRun] = field(default_factory=list)
+    ready_delays_s: list[float] = field(default_factory=list)  # of the first readies, in turn
 
     async def start(self) -> None:
         pass
 
     async def ready(self) -> None:
-        pass
+        if self.ready_delays_s:
+            await asyncio.sleep(self.ready_delays_s.pop(0))  # as a forkserver restarting
 
     async def run(self, task: message.OpExecutionTask) -> CallableStepRun:
         started = CallableStepRun(task, asyncio.create_task(self.body(task)))
@@ -226,8 +228,9 @@ async def start_worker(
         drain_timeout_s: float = 30.0,
         store: Store | None = None,
         queue: SqsQueue | None = None,
+        ready_delays_s: list[float] | None = None,
     ) -> Running:
-        runner = CallableStepRunner(body)
+        runner = CallableStepRunner(body, ready_delays_s=ready_delays_s or [])
         options = WorkerOptions(
             concurrency=2,
             poll_wait_s=1,
@@ -279,6 +282,26 @@ async def test_a_claim_whose_answer_was_lost_is_taken_back_by_its_worker(
     assert len(running.runner.runs) == 1
     [start] = await harness.db.list_log(task.run_id)  # the lost claim's start, moved, closed
     assert (start['outcome'], start['lease_token'] > lost.token) == ('COMPLETED', True)
+
+
+async def test_two_copies_in_hand_at_once_run_the_attempt_once(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    """Both copies of a message reach one worker in one receive; the copy that came first is
+    slower to claim, so it finds the attempt RUNNING under its own worker's id: that is the
+    other copy's claim, not a claim whose answer was lost, and must not be taken back."""
+    task = await harness.enqueue()
+    await harness.queue.send(message.encode(task, None), {})
+
+    async def outlasts_the_slow_claim(task: message.OpExecutionTask) -> StepOutcome:
+        await asyncio.sleep(1.0)
+        return await succeeds(task)
+
+    running = await start_worker(outlasts_the_slow_claim, ready_delays_s=[0.3, 0.0])
+    await harness.reaches(task, StepState.COMPLETED)
+    await eventually(harness.queue_empty, what='both messages deleted')
+    assert len(running.runner.runs) == 1
+    assert [r['outcome'] for r in await harness.db.list_log(task.run_id)] == ['COMPLETED']
 
 
 async def test_a_duplicate_delivery_is_refused_and_deleted(

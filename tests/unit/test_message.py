@@ -174,3 +174,16 @@ def test_fuzz_one_bad_field_raises_only_invalid_message(
         return
     with contextlib.suppress(InvalidMessage):
         step_args(task)
+
+
+def test_the_size_limit_counts_the_attributes_too() -> None:
+    """SQS counts attribute names, types and values against its 256 KiB: a body that fits alone
+    but not with its attributes is refused before anything is recorded or sent."""
+    base = make_task()
+    spare = MAX_MESSAGE_BYTES - len(encode(base, None).encode())
+    fits_alone = replace(base, job_name=base.job_name + 'x' * (spare - 10))
+    assert len(json.dumps(asdict(fits_alone), separators=(',', ':'))) <= MAX_MESSAGE_BYTES
+    with pytest.raises(InvalidMessage, match='bytes with its attributes > 262144'):
+        encode(fits_alone, None)
+    fits = replace(base, job_name=base.job_name + 'x' * (spare - 200))
+    assert parse(encode(fits, None), None) == fits
