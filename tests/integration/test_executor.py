@@ -3,25 +3,13 @@
 import uuid
 
 import pytest
-from dagster import job, op, reconstructable
-from dagster._core.execution.retries import RetryMode
-from dagster._grpc.types import ExecuteStepArgs
 
 from dagster_taskiq import message
 from dagster_taskiq.errors import TransportError
 from dagster_taskiq.executor import SqsStepHandler
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.store import StepState, Store
-
-
-@op
-def noop() -> None:
-    pass
-
-
-@job
-def one_op_job() -> None:
-    noop()
+from tests.one_op import step_args
 
 
 def test_a_message_that_cannot_be_sent_leaves_its_attempt_cancelled_not_queued(
@@ -33,12 +21,7 @@ def test_a_message_that_cannot_be_sent_leaves_its_attempt_cancelled_not_queued(
         queue_name=f'never-{uuid.uuid4().hex[:8]}',
         retry_attempts=1,
     )
-    args = ExecuteStepArgs(
-        job_origin=reconstructable(one_op_job).get_python_origin(),
-        run_id=uuid.uuid4().hex,
-        step_keys_to_execute=['noop'],
-        retry_mode=RetryMode.ENABLED,
-    )
+    args = step_args(uuid.uuid4().hex)
     task = message.build_task(args, job_name='one_op_job', enqueued_at=0.0)
     handler = SqsStepHandler(settings)
     try:

@@ -17,11 +17,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from dagster import DagsterEvent, DagsterEventType, EventLogEntry, job, op, reconstructable
+from dagster import DagsterEvent, DagsterEventType, EventLogEntry
 from dagster._core.events import StepSuccessData
-from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.execution.retries import RetryMode
-from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
@@ -33,22 +30,13 @@ from dagster_taskiq.step_process import StepOutcome
 from dagster_taskiq.store import Claimed, DagsterEventRow, StepState, Store
 from dagster_taskiq.worker import Worker, WorkerOptions
 from dagster_taskiq_demo.faultproxy import FaultProxy, Mode
+from tests.one_op import step_args
 from tests.waiting import eventually
 
 LEASE_S = 1.5  # heartbeats every 0.5 s
 DIED = StepOutcome(error='step process exited with code 3')
 
 StepBody = Callable[[message.OpExecutionTask], Awaitable[StepOutcome]]
-
-
-@op
-def noop() -> None:
-    pass
-
-
-@job
-def one_op_job() -> None:
-    noop()
 
 
 @dataclass
@@ -155,14 +143,7 @@ class Harness:
 
     async def enqueue(self, step_key: str = 'noop', attempt: int = 0) -> message.OpExecutionTask:
         """Record a QUEUED attempt and send its message, as the executor's launch_step does."""
-        args = ExecuteStepArgs(
-            job_origin=reconstructable(one_op_job).get_python_origin(),
-            run_id=self.run_id,
-            step_keys_to_execute=[step_key],
-            retry_mode=RetryMode.ENABLED,
-            known_state=KnownExecutionState(previous_retry_attempts={step_key: attempt}),
-            should_verify_step=True,
-        )
+        args = step_args(self.run_id, attempt, step_key)
         task = message.build_task(args, job_name='one_op_job', enqueued_at=0.0)
         await self.db.record_enqueued(
             task.idempotency_key,

@@ -6,9 +6,6 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
-from dagster import job, op, reconstructable
-from dagster._core.execution.plan.state import KnownExecutionState
-from dagster._core.execution.retries import RetryMode
 from dagster._grpc.types import ExecuteStepArgs
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,29 +19,13 @@ from dagster_taskiq.message import (
     parse,
     step_args,
 )
+from tests.one_op import step_args as one_op_step_args
 
 KEY = b'shared-secret'
 
 
-@op
-def noop() -> None:
-    pass
-
-
-@job
-def one_op_job() -> None:
-    noop()
-
-
 def make_args(attempt: int = 0, step_key: str = 'noop') -> ExecuteStepArgs:
-    return ExecuteStepArgs(
-        job_origin=reconstructable(one_op_job).get_python_origin(),
-        run_id='run-1',
-        step_keys_to_execute=[step_key],
-        retry_mode=RetryMode.ENABLED,
-        known_state=KnownExecutionState(previous_retry_attempts={step_key: attempt}),
-        should_verify_step=True,
-    )
+    return one_op_step_args('run-1', attempt, step_key)
 
 
 def make_task(attempt: int = 0) -> OpExecutionTask:
