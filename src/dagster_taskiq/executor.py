@@ -46,6 +46,9 @@ T = TypeVar('T')
 
 DEFAULT_SLEEP_SECONDS = 0.05  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
+# An attempt whose message was lost, or that no worker ever takes, fails after this long with its
+# reason instead of keeping its run STARTED for ever; long enough for workers to scale from zero
+DEFAULT_STEP_QUEUED_TIMEOUT_S = 3600.0
 LIVE_WORKER_WINDOW_S = 60.0
 # executor config keys named as the Settings fields they set; absent keys fall back to the
 # DAGSTER_TASKIQ_* / AWS_* variables
@@ -80,8 +83,9 @@ TASKIQ_CONFIG = {
     ),
     'step_queued_timeout_seconds': Field(
         Noneable(float),
-        default_value=None,
-        description='Fail (and cancel) an attempt still queued after this long; None: wait.',
+        default_value=DEFAULT_STEP_QUEUED_TIMEOUT_S,
+        description='Fail (and cancel) an attempt still queued after this long, naming the queue '
+        'depth and the live workers; None: wait however long.',
     ),
 }
 

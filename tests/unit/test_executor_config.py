@@ -17,7 +17,7 @@ def test_defaults_poll_fast_and_check_health_often() -> None:
     config = processed({})
     assert config['sleep_seconds'] == DEFAULT_SLEEP_SECONDS < 1.0
     assert config['check_step_health_interval_seconds'] == 5
-    assert config['step_queued_timeout_seconds'] is None
+    assert config['step_queued_timeout_seconds'] == 3600.0  # an hour, then fail with a reason
 
 
 def test_environment_variables_are_config_sources(monkeypatch: pytest.MonkeyPatch) -> None:
