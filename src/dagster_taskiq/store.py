@@ -38,7 +38,6 @@ from dagster_taskiq.sql import MIGRATIONS_DIR, VERSION_TABLE, load_queries
 
 QUERIES = {name: text(sql) for name, sql in load_queries().items()}
 T = TypeVar('T')
-# Transactions given up on (timed out or their caller cancelled), still being cancelled
 _POSTGRES_DRIVERS = {'postgres', 'postgresql', 'postgresql+psycopg', 'postgresql+psycopg2'}
 
 
@@ -319,6 +318,7 @@ class Store:
         """
         [row] = await self._all(
             'record_enqueued',
+            stopping=list(STOPPING_RUN_STATUSES),
             key=key,
             run_id=run_id,
             job_name=job_name,

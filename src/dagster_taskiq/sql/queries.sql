@@ -10,7 +10,7 @@ WITH run AS (
 ), inserted AS (
   INSERT INTO step_executions (idempotency_key, run_id, job_name, step_key, attempt, state)
   SELECT :key, :run_id, :job_name, :step_key, :attempt, 'QUEUED'
-  WHERE NOT EXISTS (SELECT 1 FROM run WHERE status IN ('CANCELING', 'CANCELED'))
+  WHERE NOT EXISTS (SELECT 1 FROM run WHERE status = ANY(:stopping))
   ON CONFLICT (idempotency_key) DO NOTHING
   RETURNING idempotency_key
 )
