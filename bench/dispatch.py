@@ -46,7 +46,7 @@ async def sqs_floor(samples: int) -> list[float]:
             while len(latencies) < samples:
                 for item in await queue.receive(1, wait_s=20):
                     latencies.append(time.perf_counter() - float(item.body))
-                    await queue.delete(item.receipt_handle)
+                    await queue.delete(item)
 
         receiver = asyncio.create_task(receive_all())
         for _ in range(samples):

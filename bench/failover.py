@@ -1,6 +1,7 @@
 """Failover time and kill-to-stop latency, with the default lease, grace and health check.
 
-    .venv/bin/python bench/failover.py [--repeat 3] [--faults kill freeze partition] [--json PATH]
+    .venv/bin/python bench/failover.py [--repeat 3] [--faults kill freeze partition]
+        [--backlogs 0 200] [--json PATH]
 
 Two workers (1 slot each) run the demo's `recorded_job`, whose op records in `demo_op_runs` when
 each attempt's user code began, was last alive (every 0.1 s) and ended. While attempt 0 runs, its
@@ -8,6 +9,8 @@ worker gets a fault:
 - kill: SIGKILL (its step process group dies with it through the lifeline);
 - freeze: SIGSTOP (the step process must kill itself before the lease expires), SIGCONT after;
 - partition: its link to PostgreSQL drops packets, connections left open (a fault proxy).
+With a backlog of N, a `fan_out_job` run of N steps is queued first (its steps wait behind the
+fault), so the retry must not queue behind them (the retry queue).
 Figures, all on the database's clock (one host): failover = the fault -> the retry's user code
 beginning; stopped before expiry = the lease's expiry - the moment attempt 0's user code was
 dead (its last sign of life + one beat; must be > 0: no overlap); past deadline = that moment -
@@ -50,19 +53,26 @@ def rows(database_url: str, statement: str, **params: Any) -> list[dict[str, Any
         return connection.execute(statement, params).fetchall()
 
 
-def run_recorded_job() -> str:
+def run_demo_job(name: str, run_config: dict[str, Any]) -> str:
     repository = ReconstructableRepository.for_module('dagster_taskiq_demo.definitions', 'defs')
-    job = repository.get_reconstructable_job('recorded_job')
+    job = repository.get_reconstructable_job(name)
     with (
         DagsterInstance.get() as instance,
-        execute_job(job, instance, run_config=RUN_CONFIG) as result,
+        execute_job(job, instance, run_config=run_config) as result,
     ):
         if not result.success:
-            raise RuntimeError(f'recorded_job failed (run {result.run_id})')
+            raise RuntimeError(f'{name} failed (run {result.run_id})')
         return result.run_id
 
 
-def one_failover(database_url: str, scratch: Path, fault: str, index: int) -> dict[str, float]:
+def queued(database_url: str) -> int:
+    [row] = rows(database_url, "SELECT count(*) AS n FROM step_executions WHERE state = 'QUEUED'")
+    return int(row['n'])
+
+
+def one_failover(
+    database_url: str, scratch: Path, fault: str, index: int, backlog: int
+) -> dict[str, float]:
     with ExitStack() as stack:
         proxies: dict[str, FaultProxy] = {}
         workers: list[WorkerProcess] = []
@@ -79,8 +89,8 @@ def one_failover(database_url: str, scratch: Path, fault: str, index: int) -> di
             workers.append(spawn_worker(worker_id, scratch, '--concurrency', '1', env=env))
         wait_started(workers)
         stack.callback(lambda: [worker.stop() for worker in workers])
-        with ThreadPoolExecutor(1) as pool:
-            outcome = pool.submit(run_recorded_job)
+        with ThreadPoolExecutor(2) as pool:
+            outcome = pool.submit(run_demo_job, 'recorded_job', RUN_CONFIG)
             [first] = wait_for(
                 lambda: rows(
                     database_url,
@@ -96,6 +106,15 @@ def one_failover(database_url: str, scratch: Path, fault: str, index: int) -> di
                 run_id=first['run_id'],
             )
             [owner] = [w for w in workers if w.worker_id == row['owner']]
+            backlog_run = None
+            if backlog:
+                width = {'ops': {'split': {'config': {'width': backlog}}}}
+                backlog_run = pool.submit(run_demo_job, 'fan_out_job', width)
+                wait_for(
+                    lambda: queued(database_url) >= backlog * 0.9,
+                    timeout_s=120,
+                    what=f'a backlog of {backlog} steps',
+                )
             time.sleep(2.0)  # well into the step, between two heartbeats
             if fault == 'kill':
                 owner.process.send_signal(signal.SIGKILL)
@@ -105,8 +124,11 @@ def one_failover(database_url: str, scratch: Path, fault: str, index: int) -> di
             else:
                 proxies[owner.worker_id].set_mode(Mode.DROP)
             [fault_at] = rows(database_url, 'SELECT clock_timestamp() AS at')
-            run_id = outcome.result(timeout=300)
-    return measure(database_url, run_id, fault_at['at'])
+            backlog_at_fault = queued(database_url)
+            run_id = outcome.result(timeout=600)
+            if backlog_run is not None:
+                backlog_run.result(timeout=600)
+    return {**measure(database_url, run_id, fault_at['at']), 'backlog': backlog_at_fault}
 
 
 def measure(database_url: str, run_id: str, fault_at: datetime) -> dict[str, float]:
@@ -142,6 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--faults', nargs='+', default=['kill', 'freeze', 'partition'])
+    parser.add_argument(
+        '--backlogs', nargs='+', type=int, default=[0], help='steps queued behind the fault'
+    )
     parser.add_argument('--json', type=Path)
     options = parser.parse_args()
     figures: dict[str, Any] = {'machine': machine(), 'results': {}}
@@ -155,27 +180,33 @@ def main() -> None:
             f' {HEALTH_CHECK_INTERVAL_S} s: worst-case failover {worst:.0f} s; {machine()}'
         )
         print(
-            f'{"fault":<10} {"n":>2} {"failover s":>22} {"abandoned after":>16}'
+            f'{"fault":<10} {"queued":>6} {"n":>2} {"failover s":>22} {"abandoned after":>16}'
             f' {"stopped before":>15} {"past deadline":>14} {"overlap":>8}'
         )
         for fault in options.faults:
-            samples = [
-                one_failover(stack.database_url, stack.scratch, fault, index)
-                for index in range(options.repeat)
-            ]
-            figures['results'][fault] = samples
-            failovers = [s['failover_s'] for s in samples]
-            print(
-                f'{fault:<10} {len(samples):>2}'
-                f' {min(failovers):>6.1f}/{statistics.median(failovers):5.1f}/{max(failovers):5.1f}'
-                f' (min/med/max)'
-                f' {max(s["abandoned_after_expiry_s"] for s in samples):>14.1f}s'
-                f' {min(s["stopped_before_expiry_s"] for s in samples):>13.1f}s'
-                f' {max(s["past_deadline_s"] for s in samples):>12.2f}s'
-                f' {max(s["overlap_s"] for s in samples):>7.1f}s'
-            )
+            for backlog in options.backlogs:
+                samples = [
+                    one_failover(stack.database_url, stack.scratch, fault, index, backlog)
+                    for index in range(options.repeat)
+                ]
+                figures['results'][f'{fault}-{backlog}'] = samples
+                print_row(fault, samples)
     if options.json:
         write_json(options.json, figures)
+
+
+def print_row(fault: str, samples: list[dict[str, float]]) -> None:
+    failovers = [s['failover_s'] for s in samples]
+    queued_at_fault = min(int(s['backlog']) for s in samples)
+    print(
+        f'{fault:<10} {queued_at_fault:>6} {len(samples):>2}'
+        f' {min(failovers):>6.1f}/{statistics.median(failovers):5.1f}/{max(failovers):5.1f}'
+        f' (min/med/max)'
+        f' {max(s["abandoned_after_expiry_s"] for s in samples):>14.1f}s'
+        f' {min(s["stopped_before_expiry_s"] for s in samples):>13.1f}s'
+        f' {max(s["past_deadline_s"] for s in samples):>12.2f}s'
+        f' {max(s["overlap_s"] for s in samples):>7.1f}s'
+    )
 
 
 if __name__ == '__main__':

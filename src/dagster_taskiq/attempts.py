@@ -117,8 +117,9 @@ class AttemptSupervisor:
             self.metrics.in_flight.dec()
         duration_s = time.monotonic() - step.started_at
         self.metrics.step_duration.observe(duration_s)
-        if step.released:
-            return
+        if step.released and outcome.dagster_event is None:
+            return  # given back unfinished: it is retried
+        # a step that ended by itself just as it was released still has its outcome written
         if stop_reason is None:
             await self._finish(step, outcome, duration_s)
         else:
@@ -130,7 +131,7 @@ class AttemptSupervisor:
                     ),
                     self.log,
                 )
-        await queue_call(self.queue.delete(received.receipt_handle), self.log)
+        await queue_call(self.queue.delete(received), self.log)
 
     async def release(self, step: RunningStep) -> None:
         """Give an unfinished attempt back: stop its process, end its lease, make it visible."""
@@ -138,7 +139,7 @@ class AttemptSupervisor:
         step.run.kill()  # no Dagster events: the attempt is abandoned and retried
         key = step.task.idempotency_key
         await store_call(self.store.expire_lease(key, token=step.token), self.log)
-        await queue_call(self.queue.change_visibility(step.received.receipt_handle, 0), self.log)
+        await queue_call(self.queue.change_visibility(step.received, 0), self.log)
         duration_s = time.monotonic() - step.started_at
         log_step(self.log, step.task, 'step_released', duration_s=duration_s)
 
@@ -207,9 +208,7 @@ class AttemptSupervisor:
 
     async def _extend_visibility(self, step: RunningStep) -> None:
         """Keep the message invisible while the step runs, within one heartbeat interval."""
-        extension = self.queue.change_visibility(
-            step.received.receipt_handle, self.settings.visibility_timeout_s
-        )
+        extension = self.queue.change_visibility(step.received, self.settings.visibility_timeout_s)
         try:
             await asyncio.wait_for(extension, self.heartbeat_interval_s)
         except (TransportError, TimeoutError) as error:

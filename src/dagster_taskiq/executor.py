@@ -49,6 +49,9 @@ DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 # An attempt whose message was lost, or that no worker ever takes, fails after this long with its
 # reason instead of keeping its run STARTED for ever; long enough for workers to scale from zero
 DEFAULT_STEP_QUEUED_TIMEOUT_S = 3600.0
+# An attempt still QUEUED this long after its message was sent has its message sent again, to the
+# retry queue: SQS may have lost it or redriven it to the DLQ (the claim absorbs a duplicate)
+DEFAULT_STEP_RESEND_S = 300.0
 LIVE_WORKER_WINDOW_S = 60.0
 # executor config keys named as the Settings fields they set; absent keys fall back to the
 # DAGSTER_TASKIQ_* / AWS_* variables
@@ -87,6 +90,13 @@ TASKIQ_CONFIG = {
         description='Fail (and cancel) an attempt still queued after this long, naming the queue '
         'depth and the live workers; None: wait however long.',
     ),
+    'step_resend_seconds': Field(
+        Noneable(float),
+        default_value=DEFAULT_STEP_RESEND_S,
+        description='Send the message of an attempt still queued this long after its last send '
+        'again, to the retry queue (a lost or dead-lettered message strands nothing; a duplicate '
+        'is refused by the claim); None: never.',
+    ),
 }
 
 
@@ -108,9 +118,16 @@ class _LoopThread:
 
 
 class SqsStepHandler(StepHandler):
-    def __init__(self, settings: Settings, step_queued_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        step_queued_timeout_s: float | None = None,
+        step_resend_s: float | None = None,
+    ) -> None:
         self.settings = settings
         self.step_queued_timeout_s = step_queued_timeout_s
+        self.step_resend_s = step_resend_s
+        self._last_sent: dict[str, float] = {}  # attempt key -> time.monotonic() of its last send
         self._loop: _LoopThread | None = None
         self._resources = AsyncExitStack()
         self._queue: SqsQueue | None = None  # opened by `prepare`, when the run starts
@@ -163,11 +180,12 @@ class SqsStepHandler(StepHandler):
     async def _enqueue(self, task: message.OpExecutionTask) -> str | None:
         """Record the attempt QUEUED and send its message: the message id.
 
-        An attempt launched before (Dagster relaunches its in-flight steps when it resumes a
-        run) is re-attached, never run twice: still QUEUED, its message is sent again (the claim
-        absorbs a duplicate); otherwise nothing is sent (None) and the health check follows it.
-        A message that cannot be built records nothing; one that cannot be sent leaves its
-        attempt CANCELLED with the reason, not QUEUED for ever.
+        A retry (attempt > 0) goes to the retry queue, ahead of every first attempt. An attempt
+        launched before (Dagster relaunches its in-flight steps when it resumes a run) is
+        re-attached, never run twice: still QUEUED, its message is sent again, to the retry
+        queue (the claim absorbs a duplicate); otherwise nothing is sent (None) and the health
+        check follows it. A message that cannot be built records nothing; one that cannot be
+        sent leaves its attempt CANCELLED with the reason, not QUEUED for ever.
         """
         body = message.encode(task, self.settings.signing_key_bytes)
         recorded = await self._store.record_enqueued(
@@ -182,12 +200,24 @@ class SqsStepHandler(StepHandler):
             if row is None or row['state'] != StepState.QUEUED:
                 return None
         try:
-            return await (await self._opened_queue()).send(body, message.attributes(task))
+            message_id = await (await self._opened_queue()).send(
+                body, message.attributes(task), retry=task.attempt > 0 or not recorded
+            )
         except TransportError as error:
             reason = f'its message could not be sent: {error}'
             with contextlib.suppress(StoreUnavailable):  # the send's error is the one to report
                 await self._store.cancel(task.idempotency_key, reason=reason, only_queued=True)
             raise
+        self._last_sent[task.idempotency_key] = time.monotonic()
+        return message_id
+
+    async def _send_again(self, task: message.OpExecutionTask) -> str:
+        body = message.encode(task, self.settings.signing_key_bytes)
+        message_id = await (await self._opened_queue()).send(
+            body, message.attributes(task), retry=True
+        )
+        self._last_sent[task.idempotency_key] = time.monotonic()
+        return message_id
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         task = message.build_task(
@@ -262,11 +292,36 @@ class SqsStepHandler(StepHandler):
             return f'attempt {key} was cancelled: {row["error"]}', row
         return None, row
 
+    def _send_again_if_due(self, context: StepHandlerContext, step_key: str, key: str) -> None:
+        """Send a still-QUEUED attempt's message again, to the retry queue, once it waited
+        `step_resend_s` since its last send (lost, or redriven to the DLQ: nothing strands)."""
+        sent_at = self._last_sent.setdefault(key, time.monotonic())
+        if self.step_resend_s is None or time.monotonic() - sent_at < self.step_resend_s:
+            return
+        job_name = context.dagster_run.job_name
+        task = message.build_task(context.execute_step_args, job_name, enqueued_at=time.time())
+        try:
+            message_id = self._run(self._send_again(task))
+        except TransportError as error:  # the next health check tries again
+            text, metadata = f'Could not send attempt {task.attempt} again: {error}', {}
+        else:
+            text = (
+                f'Attempt {task.attempt} of step "{step_key}" still queued '
+                f'{self.step_resend_s:.0f} s after its message was sent: sent again, to the '
+                'retry queue (a duplicate is refused by the claim)'
+            )
+            metadata = {'message_id': message_id}
+        DagsterEvent.engine_event(
+            context.get_step_context(step_key), text, EngineEventData(metadata=metadata)
+        )
+
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         step_key, attempt, key = message.step_identity(step_handler_context.execute_step_args)
         reason, row = self._run(self._health(key))
         if reason is not None:
             return CheckStepHealthResult.unhealthy(reason)
+        if row is not None and row['state'] == StepState.QUEUED:
+            self._send_again_if_due(step_handler_context, step_key, key)
         if (
             row is not None
             and row['state'] == StepState.FAILED
@@ -336,7 +391,9 @@ def taskiq_executor(init_context: InitExecutorContext) -> Executor:
     keep_storage_connections(init_context.instance)
     return TaskiqExecutor(
         step_handler=SqsStepHandler(
-            settings_from_config(config), config['step_queued_timeout_seconds']
+            settings_from_config(config),
+            config['step_queued_timeout_seconds'],
+            config['step_resend_seconds'],
         ),
         retries=check.not_none(RetryMode.from_config(config['retries'])),
         max_concurrent=config.get('max_concurrent'),

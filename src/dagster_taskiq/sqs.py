@@ -1,4 +1,8 @@
-"""SQS transport: aioboto3 client, the idempotent queue bootstrap and the step queue.
+"""SQS transport: aioboto3 client, the idempotent queue bootstrap and the step queues.
+
+Steps go to two queues: first attempts to the step queue, retries (and messages the executor sends
+again) to its retry queue (`{queue}-retry`), which workers poll first, so a retry never waits
+behind a backlog of first attempts. Both redrive to one dead-letter queue (`{queue}-dlq`).
 
 Every call goes through `resilience.guarded_call` (retries with backoff, one circuit breaker per
 queue), and botocore's errors come out as `TransportError`.
@@ -47,7 +51,12 @@ async def sqs_client(settings: Settings) -> AsyncIterator[SQSClient]:
 @dataclass(frozen=True)
 class QueueUrls:
     queue_url: str
+    retry_queue_url: str
     dlq_url: str
+
+
+def retry_queue_name(queue_name: str) -> str:
+    return f'{queue_name}-retry'
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class QueueDepth:
 
 @dataclass(frozen=True)
 class Received:
+    queue_url: str  # the queue it came from (its receipt handle is valid only there)
     message_id: str
     receipt_handle: str
     body: str
@@ -79,9 +89,10 @@ async def _ensure_queue(
 
 
 async def bootstrap(client: SQSClient, settings: Settings, breaker: CircuitBreaker) -> QueueUrls:
-    """Create (or bring up to date) the step queue and its dead-letter queue; safe to repeat."""
+    """Create (or bring up to date) the step queue, its retry queue and their dead-letter queue;
+    safe to repeat."""
 
-    async def ensure_both() -> QueueUrls:
+    async def ensure_all() -> QueueUrls:
         dlq_url = await _ensure_queue(
             client, settings.dlq_name, {'MessageRetentionPeriod': str(DLQ_RETENTION_S)}
         )
@@ -92,18 +103,25 @@ async def bootstrap(client: SQSClient, settings: Settings, breaker: CircuitBreak
             'deadLetterTargetArn': dlq_attributes['Attributes']['QueueArn'],
             'maxReceiveCount': str(settings.max_receive_count),
         }
-        queue_url = await _ensure_queue(
-            client,
-            settings.queue_name,
-            {
-                'VisibilityTimeout': str(settings.visibility_timeout_s),
-                'RedrivePolicy': json.dumps(redrive),
-            },
+        attributes: dict[QueueAttributeNameType, str] = {
+            'VisibilityTimeout': str(settings.visibility_timeout_s),
+            'RedrivePolicy': json.dumps(redrive),
+        }
+        return QueueUrls(
+            queue_url=await _ensure_queue(client, settings.queue_name, attributes),
+            retry_queue_url=await _ensure_queue(
+                client, retry_queue_name(settings.queue_name), attributes
+            ),
+            dlq_url=dlq_url,
         )
-        return QueueUrls(queue_url=queue_url, dlq_url=dlq_url)
 
-    urls = await guarded_call(breaker, settings, 'bootstrap', ensure_both)
-    log.info('queues_ready', queue_url=urls.queue_url, dlq_url=urls.dlq_url)
+    urls = await guarded_call(breaker, settings, 'bootstrap', ensure_all)
+    log.info(
+        'queues_ready',
+        queue_url=urls.queue_url,
+        retry_queue_url=urls.retry_queue_url,
+        dlq_url=urls.dlq_url,
+    )
     return urls
 
 
@@ -122,7 +140,8 @@ def _string_attributes(attributes: Mapping[str, str | int]) -> dict[str, dict[st
 
 
 class SqsQueue:
-    """The step queue and its dead-letter queue, every call guarded by one circuit breaker."""
+    """The step queue, its retry queue and their dead-letter queue, every call guarded by one
+    circuit breaker."""
 
     def __init__(
         self, client: SQSClient, urls: QueueUrls, settings: Settings, breaker: CircuitBreaker
@@ -140,12 +159,15 @@ class SqsQueue:
                 raise QueueMissing(f'{what}: the queue does not exist any more: {error}') from error
             raise
 
-    async def send(self, body: str, attributes: Mapping[str, str | int]) -> str:
-        """Send a message to the step queue; returns its message id."""
+    async def send(
+        self, body: str, attributes: Mapping[str, str | int], retry: bool = False
+    ) -> str:
+        """Send a message to the step queue (or, a retry, to the retry queue); its message id."""
+        queue_url = self.urls.retry_queue_url if retry else self.urls.queue_url
         response = await self._call(
             'send',
             lambda: self.client.send_message(
-                QueueUrl=self.urls.queue_url,
+                QueueUrl=queue_url,
                 MessageBody=body,
                 MessageAttributes=_string_attributes(attributes),  # type: ignore[arg-type]
             ),
@@ -170,6 +192,7 @@ class SqsQueue:
         )
         return [
             Received(
+                queue_url=queue_url,
                 message_id=message['MessageId'],
                 receipt_handle=message['ReceiptHandle'],
                 body=message.get('Body', ''),
@@ -186,37 +209,44 @@ class SqsQueue:
     async def receive(
         self, max_messages: int, wait_s: int = MAX_WAIT_S, visibility_timeout_s: int | None = None
     ) -> list[Received]:
-        """Long-poll the step queue for up to `max_messages` (1 to 10) messages."""
-        return await self._receive(
-            self.urls.queue_url,
-            max_messages,
-            wait_s,
-            visibility_timeout_s or self.settings.visibility_timeout_s,
-        )
+        """Up to `max_messages` (1 to 10) messages: retries first (a short poll of the retry
+        queue), else a long poll of the step queue.
 
-    async def delete(self, receipt_handle: str) -> None:
+        An idle worker is in the step queue's long poll: a retry that arrives meanwhile waits
+        for its end (`wait_s`). A short poll samples some of SQS's servers, so on AWS a retry may
+        be seen a poll later.
+        """
+        visibility_timeout_s = visibility_timeout_s or self.settings.visibility_timeout_s
+        retries = await self._receive(
+            self.urls.retry_queue_url, max_messages, 0, visibility_timeout_s
+        )
+        if retries:
+            return retries
+        return await self._receive(self.urls.queue_url, max_messages, wait_s, visibility_timeout_s)
+
+    async def delete(self, received: Received) -> None:
         await self._call(
             'delete',
             lambda: self.client.delete_message(
-                QueueUrl=self.urls.queue_url, ReceiptHandle=receipt_handle
+                QueueUrl=received.queue_url, ReceiptHandle=received.receipt_handle
             ),
         )
 
-    async def change_visibility(self, receipt_handle: str, visibility_timeout_s: int) -> None:
+    async def change_visibility(self, received: Received, visibility_timeout_s: int) -> None:
         await self._call(
             'change_visibility',
             lambda: self.client.change_message_visibility(
-                QueueUrl=self.urls.queue_url,
-                ReceiptHandle=receipt_handle,
+                QueueUrl=received.queue_url,
+                ReceiptHandle=received.receipt_handle,
                 VisibilityTimeout=visibility_timeout_s,
             ),
         )
 
-    async def depth(self) -> QueueDepth:
+    async def _depth_of(self, queue_url: str) -> QueueDepth:
         response = await self._call(
             'depth',
             lambda: self.client.get_queue_attributes(
-                QueueUrl=self.urls.queue_url,
+                QueueUrl=queue_url,
                 AttributeNames=[
                     'ApproximateNumberOfMessages',
                     'ApproximateNumberOfMessagesNotVisible',
@@ -229,6 +259,16 @@ class SqsQueue:
             visible=int(attributes.get('ApproximateNumberOfMessages', 0)),
             in_flight=int(attributes.get('ApproximateNumberOfMessagesNotVisible', 0)),
             delayed=int(attributes.get('ApproximateNumberOfMessagesDelayed', 0)),
+        )
+
+    async def depth(self) -> QueueDepth:
+        """The step queue's and the retry queue's messages together (the workers' backlog)."""
+        steps = await self._depth_of(self.urls.queue_url)
+        retries = await self._depth_of(self.urls.retry_queue_url)
+        return QueueDepth(
+            visible=steps.visible + retries.visible,
+            in_flight=steps.in_flight + retries.in_flight,
+            delayed=steps.delayed + retries.delayed,
         )
 
     async def send_to_dlq(self, body: str, reason: str, attributes: Mapping[str, str | int]) -> str:
@@ -253,7 +293,8 @@ class SqsQueue:
 
 
 async def resolve_urls(client: SQSClient, settings: Settings, breaker: CircuitBreaker) -> QueueUrls:
-    """URLs of the existing step queue (`queue_url`, else by `queue_name`) and of its DLQ."""
+    """URLs of the existing step queue (`queue_url`, else by `queue_name`), of its retry queue
+    (named after it) and of its DLQ (its RedrivePolicy's)."""
 
     async def resolve() -> QueueUrls:
         queue_url = (
@@ -268,7 +309,9 @@ async def resolve_urls(client: SQSClient, settings: Settings, breaker: CircuitBr
         if not dlq_arn:
             raise TransportError(f'queue {queue_url} has no dead-letter queue (RedrivePolicy)')
         dlq_url = (await client.get_queue_url(QueueName=dlq_arn.rsplit(':', 1)[-1]))['QueueUrl']
-        return QueueUrls(queue_url=queue_url, dlq_url=dlq_url)
+        retry_name = retry_queue_name(queue_url.rstrip('/').rsplit('/', 1)[-1])
+        retry_queue_url = (await client.get_queue_url(QueueName=retry_name))['QueueUrl']
+        return QueueUrls(queue_url=queue_url, retry_queue_url=retry_queue_url, dlq_url=dlq_url)
 
     try:
         return await guarded_call(breaker, settings, 'resolve_urls', resolve)

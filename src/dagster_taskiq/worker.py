@@ -287,7 +287,7 @@ class Worker:
             return
         for item in received:
             self.log.info('message_given_back', message_id=item.message_id)
-            await queue_call(self.queue.change_visibility(item.receipt_handle, 0), self.log)
+            await queue_call(self.queue.change_visibility(item, 0), self.log)
 
     def _message_done(self, task: asyncio.Task[None]) -> None:
         self.message_tasks.discard(task)
@@ -323,7 +323,7 @@ class Worker:
         except StoreUnavailable as error:
             log_step(self.log, task, 'claim_deferred', error=str(error))
             await queue_call(
-                self.queue.change_visibility(received.receipt_handle, STORE_RETRY_VISIBILITY_S),
+                self.queue.change_visibility(received, STORE_RETRY_VISIBILITY_S),
                 self.log,
             )
             return
@@ -351,7 +351,7 @@ class Worker:
             log_step(self.log, task, 'step_abandoned', reason=reason, previous_owner=claim.owner)
         self.metrics.duplicates.inc()
         log_step(self.log, task, 'delivery_refused', state=str(claim.state), owner=claim.owner)
-        await queue_call(self.queue.delete(received.receipt_handle), self.log)
+        await queue_call(self.queue.delete(received), self.log)
 
     async def _dead_letter(self, received: Received, reason: str) -> None:
         self.metrics.dead_lettered.inc()
@@ -361,7 +361,7 @@ class Worker:
         except TransportError as error:
             self.log.error('dead_letter_failed', reason=reason, error=str(error))
             return  # keep the message: it comes back, and SQS's own redrive takes it eventually
-        await queue_call(self.queue.delete(received.receipt_handle), self.log)
+        await queue_call(self.queue.delete(received), self.log)
 
     # ----- side tasks -----
 

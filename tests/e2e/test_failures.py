@@ -19,6 +19,7 @@ from dagster._grpc.types import ExecuteStepArgs, ResumeRunArgs
 from dagster_taskiq import message
 from dagster_taskiq.step_process import TERMINAL_EVENTS
 from tests.e2e.conftest import (
+    ABANDON_GRACE_S,
     LEASE_S,
     SIGNING_KEY,
     STEP_START_TIMEOUT_S,
@@ -97,6 +98,83 @@ def test_sigkilled_worker_attempt_is_abandoned_and_retried_on_another(
     assert steps[1]['owner'] != victim.worker_id
     logged = [r for r in stack.log_rows(run_id) if r['step_key'] == 'sleep_then_return']
     assert [(r['attempt'], r['outcome']) for r in logged] == [(0, 'ABANDONED'), (1, 'COMPLETED')]
+
+
+def test_a_retry_starts_within_the_failover_time_behind_a_200_step_backlog(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """A worker is SIGKILLed while 200 first attempts wait in the queue: the lost attempt's retry
+    goes to the retry queue, which workers poll first, so it starts within lease + grace + one
+    health check (+ the end of a running step for a free slot), not behind the backlog."""
+    workers = stack.start_workers(2, 2)
+    config = {'ops': {'split': {'config': {'width': 200}}, 'square': {'config': {'seconds': 1.0}}}}
+    runner, dagster_run = start_run(instance, 'fan_out_job', config)
+    try:
+
+        def victim_under_a_backlog() -> dict[str, Any] | None:
+            rows = stack.rows(
+                'SELECT *, (SELECT count(*) FROM step_executions WHERE run_id = %(run_id)s'
+                " AND state = 'QUEUED') AS queued FROM step_executions"
+                " WHERE run_id = %(run_id)s AND step_key LIKE 'square[%%' AND state = 'RUNNING'"
+                ' ORDER BY started_at LIMIT 1',
+                run_id=dagster_run.run_id,
+            )
+            return rows[0] if rows and rows[0]['queued'] >= 150 else None
+
+        row = wait_until(victim_under_a_backlog, what='a square running with >= 150 queued')
+        [victim] = [w for w in workers if w.worker_id == row['owner']]
+        victim.process.send_signal(signal.SIGKILL)
+        [fault] = stack.rows('SELECT clock_timestamp() AS at')
+
+        def retry_started() -> dict[str, Any] | None:
+            rows = stack.rows(
+                'SELECT started_at, (SELECT count(*) FROM step_executions WHERE run_id = %(run_id)s'
+                " AND state = 'QUEUED') AS queued FROM execution_log"
+                ' WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND attempt = 1',
+                run_id=dagster_run.run_id,
+                step_key=row['step_key'],
+            )
+            return rows[0] if rows else None
+
+        retry = wait_until(retry_started, timeout_s=60, what='the retry of the lost attempt')
+        failover_s = (retry['started_at'] - fault['at']).total_seconds()
+        print(f'failover behind {retry["queued"]} queued first attempts: {failover_s:.1f} s')
+        assert retry['queued'] >= 100  # it did not wait for the backlog
+        assert failover_s < LEASE_S + ABANDON_GRACE_S + 1 + 1 + 2  # health check, a step, slack
+    finally:
+        terminate(instance, runner, dagster_run)
+        runner.wait(timeout=60)
+
+
+def test_a_queued_attempt_whose_message_was_lost_is_sent_again(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """The first step's message vanishes before any worker sees it (lost, or redriven to the
+    DLQ by SQS): the store still says QUEUED, so the executor sends it again and the run
+    finishes, instead of waiting for the queued timeout."""
+    client = sqs(stack)
+    execution = {'config': {'check_step_health_interval_seconds': 1, 'step_resend_seconds': 2}}
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, instance, 'fast_job', {'execution': execution})
+        response = wait_until(
+            lambda: client.receive_message(QueueUrl=stack.urls.queue_url).get('Messages'),
+            what='the first step message',
+        )
+        client.delete_message(
+            QueueUrl=stack.urls.queue_url, ReceiptHandle=response[0]['ReceiptHandle']
+        )
+        stack.start_worker()
+        ok, run_id = outcome.result(timeout=60)
+    assert ok
+    sent_again = [
+        r.event_log_entry.dagster_event.message
+        for r in step_events(instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if 'sent again' in (r.event_log_entry.dagster_event.message or '')
+    ]
+    assert sent_again  # every 2 s until a worker took it
+    assert sent_again[0].startswith('Attempt 0 of step "ping" still queued 2 s after')
+    assert [r['state'] for r in stack.executions(run_id)] == ['COMPLETED'] * 3
+    assert client.receive_message(QueueUrl=stack.urls.dlq_url).get('Messages') is None
 
 
 def test_a_message_delivered_three_times_runs_once(stack: Stack, instance: DagsterInstance) -> None:

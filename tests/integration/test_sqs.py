@@ -61,12 +61,29 @@ async def test_send_receive_visibility_delete_and_depth(settings: Settings) -> N
         assert received.receive_count == 1
         assert received.sent_at_ms > 0
         assert await queue.depth() == QueueDepth(visible=0, in_flight=1, delayed=0)
-        await queue.change_visibility(received.receipt_handle, 0)
+        await queue.change_visibility(received, 0)
         [again] = await queue.receive(10, wait_s=1)
         assert again.message_id == message_id and again.receive_count == 2
-        await queue.delete(again.receipt_handle)
+        await queue.delete(again)
         assert await queue.depth() == QueueDepth(visible=0, in_flight=0, delayed=0)
         assert await queue.receive(10, wait_s=0) == []
+
+
+async def test_retries_are_received_before_a_backlog_of_first_attempts(
+    settings: Settings,
+) -> None:
+    await bootstrap_queues(settings)
+    async with open_queue(settings) as queue:
+        for index in range(20):
+            await queue.send(f'first attempt {index}', {})
+        retry_id = await queue.send('a retry', {}, retry=True)
+        assert await queue.depth() == QueueDepth(visible=21, in_flight=0, delayed=0)
+        [received] = await queue.receive(1, wait_s=1)
+        assert (received.message_id, received.queue_url) == (retry_id, queue.urls.retry_queue_url)
+        await queue.delete(received)  # through the queue it came from
+        assert await queue.depth() == QueueDepth(visible=20, in_flight=0, delayed=0)
+        [first] = await queue.receive(1, wait_s=1)
+        assert first.queue_url == queue.urls.queue_url
 
 
 async def test_receive_takes_at_most_n(settings: Settings) -> None:

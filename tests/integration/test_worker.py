@@ -382,6 +382,33 @@ async def test_past_the_drain_a_step_is_released_for_another_worker(
     assert message.parse(again.body, None) == task
 
 
+async def test_a_step_that_ends_as_it_is_released_still_has_its_outcome_written(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    """The drain's release reaches a step whose process has just written its outcome and exited,
+    before the worker has read it: the outcome is written (fenced), not dropped for a retry."""
+    gate = Gate()
+    task = await harness.enqueue()
+    running = await start_worker(gate)
+    await asyncio.wait_for(gate.entered.wait(), timeout=10)
+    step = running.worker.attempts.running[task.idempotency_key]
+    releasing: list[asyncio.Future[None]] = []
+    # runs as the step's body ends, before the worker's supervisor sees it end
+    running.runner.runs[0].running.add_done_callback(
+        lambda _: releasing.append(asyncio.ensure_future(running.worker.attempts.release(step)))
+    )
+    gate.opened.set()
+    await harness.reaches(task, StepState.COMPLETED)
+    await asyncio.gather(*releasing)
+    assert step.released
+    assert len(running.runner.runs) == 1  # not run again
+    log = await harness.db.list_log(task.run_id)
+    assert [(r['lease_token'], r['outcome']) for r in log] == [(step.token, 'COMPLETED')]
+    assert [e['name'] for e in await harness.db.list_effects(task.run_id)] == ['row']
+    [event] = await harness.dagster_events(task.run_id)
+    assert event.dagster_event_type == DagsterEventType.STEP_SUCCESS
+
+
 async def test_a_crashed_side_task_stops_the_worker(
     harness: Harness, start_worker: Callable[..., Awaitable[Running]], tmp_path: Path
 ) -> None:
