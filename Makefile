@@ -1,11 +1,12 @@
-# The two commands a newcomer types: `make demo` and `make test`. Each installs what it needs first.
+# What a newcomer types: `make demo` (the stack up, every demo job once, down), `make up` (the stack
+# stays up: UI on http://127.0.0.1:3000) and `make test`. Each installs what it needs first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 export UV_PYTHON := $(BIN)/python
 
-.PHONY: install test lint demo lock clean
+.PHONY: install test lint demo up lock clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install
+	$(BIN)/dagster-taskiq-demo demo
+
+up: install
 	$(BIN)/dagster-taskiq-demo up
 
 # Re-resolve after editing dependencies; commit requirements.lock (uv.lock names index hosts: not committed).

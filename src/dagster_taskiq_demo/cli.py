@@ -1,36 +1,46 @@
-"""`dagster-taskiq-demo`: the demo's local stack.
+"""`dagster-taskiq-demo`: the demo's local platform.
 
-For now `up` starts the emulator, prepares PostgreSQL, the queues and a Dagster home, starts two
-workers, runs every demo job through them and prints what the store saw; the auto-scaler and
-local-stack issues make it the long-running stack of DESIGN.md (webserver, daemon, ECS agent).
+`up` starts it and keeps it up (local_stack.py); `demo` starts it, runs every demo job once through
+Dagster's GraphQL API, prints what happened and stops it; `ecs-agent` is the stack's stand-in for
+ECS (it starts the workers the auto-scaler asks for).
 """
 
-import asyncio
+import functools
 import os
-import secrets
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import click
 
 from dagster_taskiq.cli import load_settings, logging_options, reported_errors
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dagster_taskiq_demo.local_stack import LocalStack
+
 # Here, not with what they configure, so that `--help` imports nothing heavy
 DEFAULT_MOTO_PORT = 4566
+DEFAULT_WEBSERVER_PORT = 3000
 DEFAULT_AGENT_POLL_INTERVAL_S = 2.0
+DEMO_TIMEOUT_S = 900.0
 
 DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/dagster_taskiq_demo'
-DEMO_RUNS: list[tuple[str, dict[str, Any]]] = [
-    ('fast_job', {}),
-    ('fan_out_job', {}),
-    ('flaky_job', {}),
-    ('crashing_job', {}),
-    ('side_effect_job', {}),
-    ('slow_job', {'ops': {'sleep_then_return': {'config': {'seconds': 1.0}}}}),
-    ('failing_job', {}),
+# (job, run config, whether it is meant to succeed)
+DEMO_RUNS: list[tuple[str, dict[str, Any], bool]] = [
+    ('fast_job', {}, True),
+    ('fan_out_job', {}, True),
+    ('flaky_job', {}, True),
+    ('crashing_job', {}, True),
+    ('side_effect_job', {}, True),
+    ('slow_job', {'ops': {'sleep_then_return': {'config': {'seconds': 1.0}}}}, True),
+    ('failing_job', {}, False),
 ]
+F = TypeVar('F', bound=Callable[..., Any])
 
 
 @click.group()
@@ -49,7 +59,14 @@ def ensure_database(database_url: str) -> None:
     if not url.database:
         raise click.UsageError(f'DATABASE_URL names no database: {database_url}')
     admin = url.set(drivername='postgresql', database='postgres', query={})
-    with psycopg.connect(admin.render_as_string(False), autocommit=True) as connection:
+    try:
+        connection = psycopg.connect(admin.render_as_string(False), autocommit=True)
+    except psycopg.OperationalError as error:
+        raise click.ClickException(
+            f'PostgreSQL at {url.host}:{url.port or 5432} does not answer ({error}); set '
+            'DATABASE_URL to a server the stack can use'
+        ) from error
+    with connection:
         exists = connection.execute(
             'SELECT 1 FROM pg_database WHERE datname = %s', (url.database,)
         ).fetchone()
@@ -57,84 +74,175 @@ def ensure_database(database_url: str) -> None:
             connection.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(url.database)))
 
 
-def run_demo_jobs(database_url: str) -> bool:
-    from dagster import DagsterInstance, execute_job
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
+def stack_options(command: F) -> F:
+    """The options of a command that starts the local stack."""
+    for option in reversed(
+        [
+            click.option(
+                '--env',
+                'env_name',
+                default='local',
+                show_default=True,
+                help='Environment named in resource and log-group names (/aws/ecs/SERVICE-ENV).',
+            ),
+            click.option(
+                '--data-dir',
+                default=Path('.demo'),
+                type=click.Path(path_type=Path),
+                show_default=True,
+                help='Where the stack keeps its Dagster home, workspace, signing key and logs.',
+            ),
+            click.option('--moto-port', default=DEFAULT_MOTO_PORT, show_default=True),
+            click.option('--webserver-port', default=DEFAULT_WEBSERVER_PORT, show_default=True),
+            click.option(
+                '--max-workers',
+                type=click.IntRange(min=1),
+                default=4,
+                show_default=True,
+                help='Most workers the auto-scaler starts (it starts from 0).',
+            ),
+            click.option(
+                '--worker-concurrency',
+                type=click.IntRange(min=1),
+                default=2,
+                show_default=True,
+                help='Slots per worker.',
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
 
-    from dagster_taskiq import store
-    from dagster_taskiq_demo import definitions
 
-    repository = ReconstructableRepository.for_module(definitions.__name__, 'defs', os.getcwd())
-    engine = store.sync_engine(database_url)
-    all_as_expected = True
-    try:
-        with DagsterInstance.get() as instance:
-            for job_name, run_config in DEMO_RUNS:
-                job = repository.get_reconstructable_job(job_name)
-                with execute_job(job, instance, run_config=run_config) as result:
-                    success, run_id = result.success, result.run_id
-                with engine.connect() as connection:
-                    rows = connection.execute(store.QUERIES['list_executions'], {'run_id': run_id})
-                    states = [f'{r.step_key}#{r.attempt}={r.state}' for r in rows]
-                expected = job_name != 'failing_job'
-                all_as_expected &= success == expected
-                status = 'SUCCESS' if success else 'FAILURE'
-                click.echo(f'{job_name:16} {status:8} {run_id}  {", ".join(states)}')
-    finally:
-        engine.dispose()
-    return all_as_expected
+def print_summary(console: 'Console', stack: 'LocalStack') -> None:
+    from rich.table import Table
+
+    table = Table(title=f'dagster-taskiq local stack ({stack.options.env_name})')
+    for column in ('component', 'URL / port', 'PID', 'started in', 'log'):
+        table.add_column(column)
+    for component in stack.components:
+        table.add_row(
+            component.name,
+            component.url or '',
+            str(component.pid or ''),
+            f'{component.start_s:.1f} s' if component.start_s is not None else '',
+            str(component.log_path),
+        )
+    console.print(table)
+    console.print(
+        f'Database {stack.options.database_url}; worker logs in {stack.data_dir / "workers"}. '
+        'Workers start when work arrives (the auto-scaler starts from 0). Ctrl-C stops everything.'
+    )
+
+
+@contextmanager
+def running_stack(
+    options: dict[str, Any], log_level: str, log_format: Any
+) -> Iterator['LocalStack']:
+    """The local stack, started (with progress, then a summary), stopped on the way out."""
+    from dotenv import load_dotenv
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from dagster_taskiq.logs import configure_logging
+    from dagster_taskiq_demo.local_stack import LocalStack, StackError, StackOptions, stop_signals
+
+    load_dotenv(Path('.env'))  # .env.example lists them; the environment wins
+    configure_logging(log_format or 'console', log_level)
+    console = Console()
+    database_url = os.environ.get('DATABASE_URL', DEFAULT_DATABASE_URL)
+    with stop_signals() as stopping:
+        stack = LocalStack(StackOptions(database_url=database_url, **options), stopping)
+        try:
+            stack.lock()
+            stack.check_ports()
+            ensure_database(database_url)
+            stack.prepare()
+            with Progress(
+                SpinnerColumn(),
+                TextColumn('{task.description}'),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                for name, step in stack.start_steps():
+                    task = progress.add_task(f'starting {name}', total=1)
+                    step()
+                    progress.update(task, completed=1, description=f'{name} ready')
+            print_summary(console, stack)
+            yield stack
+        except StackError as error:
+            console.print(f'[red]{error}[/red]')
+            sys.exit(1)
+        finally:
+            console.print('stopping the stack (workers drain first)...')
+            stack.stop()
+            console.print('stopped')
 
 
 @main.command()
-@click.option('--moto-port', default=DEFAULT_MOTO_PORT, show_default=True)
-@click.option('--workers', default=2, show_default=True)
-@click.option(
-    '--data-dir', default=Path('.demo'), type=click.Path(path_type=Path), show_default=True
-)
+@stack_options
 @logging_options
-def up(
-    moto_port: int,
-    workers: int,
-    data_dir: Path,
-    log_level: str,
-    log_format: Literal['json', 'console'] | None,
-) -> None:
-    """Start the emulator, the store, the queues and workers; run every demo job through them."""
-    from dagster_taskiq import store
-    from dagster_taskiq.logs import configure_logging
-    from dagster_taskiq.sqs import bootstrap_queues
-    from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, start_moto
-    from dagster_taskiq_demo.stack import spawn_worker, wait_started, write_dagster_home
+def up(log_level: str, log_format: Literal['json', 'console'] | None, **options: Any) -> None:
+    """Start the local platform and keep it up until Ctrl-C or SIGTERM.
 
-    configure_logging(log_format, log_level)
-    os.environ.update({k: os.environ.get(k, v) for k, v in EMULATOR_CREDENTIALS.items()})
-    database_url = os.environ.get('DATABASE_URL', DEFAULT_DATABASE_URL)
-    ensure_database(database_url)
-    store.upgrade(database_url)
-    server = start_moto(moto_port)
-    data_dir = data_dir.resolve()
-    os.environ.update(
-        {
-            'DATABASE_URL': database_url,
-            'DAGSTER_HOME': str(write_dagster_home(data_dir / 'dagster_home', database_url)),
-            'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': server.url,
-        }
+    moto (SQS, ECS, CloudWatch Logs), the Dagster webserver and daemon on PostgreSQL, the
+    auto-scaler and the local ECS agent, which starts the workers the scaler asks for.
+    """
+    with running_stack(options, log_level, log_format) as stack:
+        stack.supervise()
+
+
+@main.command()
+@stack_options
+@logging_options
+def demo(log_level: str, log_format: Literal['json', 'console'] | None, **options: Any) -> None:
+    """Start the local platform, run every demo job once through the UI's API, report, stop."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dagster_taskiq_demo.runs import (
+        Interrupted,
+        graphql_client,
+        run_steps,
+        submit,
+        wait_ended,
     )
-    os.environ.setdefault('DAGSTER_TASKIQ_SIGNING_KEY', secrets.token_hex(16))  # workers need one
-    started = []
-    try:
-        with reported_errors(log_level):
-            urls = asyncio.run(bootstrap_queues(load_settings()))
-        click.echo(f'emulator {server.url}, queue {urls.queue_url}, database {database_url}')
-        started = [spawn_worker(f'demo-worker-{n}', data_dir) for n in range(workers)]
-        wait_started(started)
-        click.echo(f'{workers} workers up (logs in {data_dir}); running the demo jobs:')
-        as_expected = run_demo_jobs(database_url)
-    finally:
-        for worker in started:
-            worker.stop()
-        server.stop()
-    click.echo('every job ended as expected' if as_expected else 'a job did NOT end as expected')
+
+    console = Console()
+    with running_stack(options, log_level, log_format) as stack:
+        console.print(
+            'Submitting every demo job once. failing_job is meant to fail; flaky_job and '
+            'crashing_job fail their first attempt (a raise, a dying process) and pass on retry.'
+        )
+        web = next(c for c in stack.components if c.name == 'dagster-webserver')
+        client = graphql_client(str(web.url))
+        run_ids = [submit(client, job, config) for job, config, _ in DEMO_RUNS]
+        try:
+            statuses = wait_ended(client, run_ids, DEMO_TIMEOUT_S, stack.stopping)
+        except Interrupted:
+            console.print('interrupted: the runs still going are terminated as the stack stops')
+            sys.exit(130)
+        table = Table(title='demo runs')
+        for column in ('job', 'status', 'expected', 'steps', 'attempts', 'retries', 'workers'):
+            table.add_column(column)
+        as_expected = True
+        for (job, _, meant_to_succeed), run_id in zip(DEMO_RUNS, run_ids, strict=True):
+            status = statuses[run_id]
+            expected = 'SUCCESS' if meant_to_succeed else 'FAILURE'
+            as_expected &= status.value == expected
+            steps = run_steps(stack.options.database_url, run_id)
+            table.add_row(
+                job,
+                status.value,
+                expected,
+                str(steps.steps),
+                str(steps.attempts),
+                str(steps.retries),
+                ', '.join(steps.workers),
+            )
+        console.print(table)
+        console.print(f'Runs in the UI: {web.url}/runs (they stay after the stack stops: `up`)')
+    console.print('every job ended as expected' if as_expected else 'a job did NOT end as expected')
     sys.exit(0 if as_expected else 1)
 
 
@@ -187,3 +295,188 @@ def ecs_agent(
         preload=preload,
     )
     agent.run(poll_interval)
+
+
+# ----- operations (the seed's `mise run` tasks) -----
+
+
+def target_options(command: F) -> F:
+    """Where the stack's resources are, and --json."""
+    command = click.option('--json', 'as_json', is_flag=True, help='JSON instead of a table.')(
+        command
+    )
+    command = click.option(
+        '--env',
+        'env_name',
+        default='local',
+        show_default=True,
+        help='Environment, when there is no stack.json (e.g. on AWS).',
+    )(command)
+    return click.option(
+        '--data-dir',
+        default=Path('.demo'),
+        type=click.Path(path_type=Path),
+        show_default=True,
+        help="A running stack's folder (its stack.json names its resources).",
+    )(command)
+
+
+@contextmanager
+def operation_errors() -> Iterator[None]:
+    """AWS or database errors of an operations command as one line naming what failed."""
+    import psycopg
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        raise click.ClickException(f'AWS call failed: {error} (is the stack up?)') from error
+    except psycopg.OperationalError as error:
+        raise click.ClickException(f'the database does not answer: {error}') from error
+
+
+def with_operation_errors(command: F) -> F:
+    @functools.wraps(command)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with operation_errors():
+            return command(*args, **kwargs)
+
+    return cast(F, wrapped)
+
+
+def show(rows: list[dict[str, Any]] | dict[str, Any], as_json: bool, title: str) -> None:
+    """`rows` as JSON, or as a table (one row per item)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    items = rows if isinstance(rows, list) else [rows]
+    table = Table(title=title)
+    columns = list(items[0]) if items else ['(none)']
+    for column in columns:
+        table.add_column(column)
+    for item in items:
+        table.add_row(*(str(item[c]) for c in columns))
+    Console().print(table)
+
+
+@main.group()
+def queue() -> None:
+    """The step queue, its retry queue and their dead-letter queue."""
+
+
+@queue.command('depth')
+@target_options
+@with_operation_errors
+def queue_depth(data_dir: Path, env_name: str, as_json: bool) -> None:
+    """Visible, in-flight and delayed messages of each queue."""
+    from dagster_taskiq_demo import operations
+
+    show(operations.queue_depth(operations.find_target(data_dir, env_name)), as_json, 'queues')
+
+
+@queue.command('dlq')
+@click.option('--redrive', is_flag=True, help='Send every dead letter back to the step queue.')
+@target_options
+@with_operation_errors
+def queue_dlq(data_dir: Path, env_name: str, as_json: bool, redrive: bool) -> None:
+    """The dead letters with the reason each was set aside."""
+    from dagster_taskiq_demo import operations
+
+    target = operations.find_target(data_dir, env_name)
+    letters = operations.dead_letters(target, redrive=redrive)
+    show(letters, as_json, 'dead letters (redriven)' if redrive else 'dead letters')
+
+
+@main.group()
+def ecs() -> None:
+    """The ECS services of the stack."""
+
+
+@ecs.command('status')
+@click.argument('service', required=False)
+@target_options
+@with_operation_errors
+def ecs_status(data_dir: Path, env_name: str, as_json: bool, service: str | None) -> None:
+    """A service's desired and running counts and the auto-scaler's recent decisions."""
+    from dagster_taskiq_demo import operations
+
+    status = operations.ecs_status(operations.find_target(data_dir, env_name), service)
+    if as_json:
+        show(status, True, '')
+        return
+    decisions = status.pop('recent_decisions')
+    show(status, False, 'service')
+    show(decisions, False, 'recent scaling decisions')
+
+
+@main.group('aws')
+def aws_group() -> None:
+    """What runs on (emulated) AWS."""
+
+
+@aws_group.command('services')
+@target_options
+@with_operation_errors
+def aws_services(data_dir: Path, env_name: str, as_json: bool) -> None:
+    """The cluster's ECS services."""
+    from dagster_taskiq_demo import operations
+
+    show(operations.services(operations.find_target(data_dir, env_name)), as_json, 'services')
+
+
+@aws_group.command('tasks')
+@target_options
+@with_operation_errors
+def aws_tasks(data_dir: Path, env_name: str, as_json: bool) -> None:
+    """The cluster's running ECS tasks."""
+    from dagster_taskiq_demo import operations
+
+    show(operations.tasks(operations.find_target(data_dir, env_name)), as_json, 'tasks')
+
+
+@main.group()
+def logs() -> None:
+    """CloudWatch Logs of the stack's services."""
+
+
+@logs.command('tail')
+@click.argument(
+    'service',
+    type=click.Choice(['dagster-daemon', 'dagster-webserver', 'taskiq-worker', 'auto-scaler']),
+)
+@click.option('--since', default='10m', show_default=True, help='How far back: 30s, 5m, 2h, 1d.')
+@click.option('--follow', is_flag=True, help='Keep printing new events until Ctrl-C.')
+@target_options
+@with_operation_errors
+def logs_tail(
+    data_dir: Path, env_name: str, as_json: bool, service: str, since: str, follow: bool
+) -> None:
+    """A service's log events from its group /aws/ecs/SERVICE-ENV (one line each)."""
+    import json
+    import time
+    from datetime import UTC, datetime
+
+    from dagster_taskiq_demo import operations
+
+    try:
+        since_s = operations.parse_since(since)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint='--since') from error
+    target = operations.find_target(data_dir, env_name)
+    seen: set[str] = set()
+    while True:
+        for event in operations.log_events(target, service, since_s, seen):
+            seen.add(event['event_id'])
+            if as_json:
+                click.echo(json.dumps(event))
+            else:
+                at = datetime.fromtimestamp(event['timestamp'], UTC).strftime('%H:%M:%S')
+                click.echo(f'{at} {event["stream"]} {event["message"]}')
+        if not follow:
+            return
+        time.sleep(1.0)  # CloudWatch has no push: poll, as `aws logs tail --follow` does

@@ -6,6 +6,7 @@ same thing: real `dagster-taskiq worker` processes against PostgreSQL and the mo
 
 import os
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -56,9 +57,12 @@ def drop_database(server_url: str, name: str) -> None:
         )
 
 
+TEMPLATES = Path(__file__).with_name('templates')
+
+
 def write_dagster_home(home: Path, database_url: str) -> Path:
     """A DAGSTER_HOME whose run, event and schedule storage is PostgreSQL at `database_url`, with
-    its tables created (workers refuse a database without them).
+    its tables created (workers refuse a database without them), from templates/dagster.yaml.
 
     The scheme is pinned to psycopg2: SQLAlchemy 2.1 maps `postgresql://` to psycopg 3, which
     dagster-postgres does not support.
@@ -67,15 +71,19 @@ def write_dagster_home(home: Path, database_url: str) -> Path:
 
     home.mkdir(parents=True, exist_ok=True)
     dagster_url = make_url(database_url).set(drivername='postgresql+psycopg2')
-    (home / 'dagster.yaml').write_text(
-        'storage:\n'
-        '  postgres:\n'
-        f'    postgres_url: "{dagster_url.render_as_string(hide_password=False)}"\n'
-        'telemetry:\n'
-        '  enabled: false\n'
-    )
+    template = string.Template((TEMPLATES / 'dagster.yaml').read_text())
+    postgres_url = dagster_url.render_as_string(hide_password=False)
+    (home / 'dagster.yaml').write_text(template.substitute(postgres_url=postgres_url))
     DagsterInstance.from_config(str(home)).dispose()  # its storages create their tables
     return home
+
+
+def write_workspace(folder: Path) -> Path:
+    """The demo's workspace.yaml (templates/workspace.yaml) in `folder`; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / 'workspace.yaml'
+    path.write_text((TEMPLATES / 'workspace.yaml').read_text())
+    return path
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""The local platform as a user starts it: `dagster-taskiq-demo up` in a process of its own."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from dagster import DagsterRunStatus
+
+from dagster_taskiq_demo.emulator import free_port
+from dagster_taskiq_demo.local_stack import group_alive, port_in_use
+from dagster_taskiq_demo.runs import graphql_client, submit, wait_ended
+from dagster_taskiq_demo.stack import create_database, drop_database
+from tests.conftest import BASE_DATABASE_URL
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+UP_TIMEOUT_S = 300.0
+ARTIFACTS = Path(__file__).parents[2] / 'build' / 'test-artifacts'
+RUN_TIMEOUT_S = 240.0
+
+
+def children(pid: int) -> set[int]:
+    """Every live descendant of `pid`."""
+    parents: dict[int, int] = {}
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / 'stat').read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(')', 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != 'Z'
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[bytes]
+    output: Path
+    data_dir: Path
+    database_url: str
+    web_url: str
+    ports: tuple[int, int]
+
+    def text(self) -> str:
+        return self.output.read_text(errors='replace')
+
+
+def demo_command(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name('dagster-taskiq-demo')), *args]
+
+
+def ops(up: 'Up', *args: str) -> str:
+    """An operations command against the stack, with --json: its output."""
+    done = subprocess.run(
+        demo_command(*args, '--data-dir', str(up.data_dir), '--json'),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout
+
+
+@pytest.fixture(scope='module')
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    name = f'stack_{uuid.uuid4().hex[:10]}'
+    database_url = create_database(BASE_DATABASE_URL, name)
+    folder = tmp_path_factory.mktemp('stack')
+    moto_port, web_port = free_port(), free_port()
+    output = folder / 'up.out'
+    with output.open('wb') as out:
+        process = subprocess.Popen(
+            demo_command(
+                'up',
+                '--data-dir',
+                str(folder / 'data'),
+                '--env',
+                'e2e',
+                '--moto-port',
+                str(moto_port),
+                '--webserver-port',
+                str(web_port),
+                '--max-workers',
+                '2',
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'},
+        )
+    started = Up(
+        process,
+        output,
+        folder / 'data',
+        database_url,
+        f'http://127.0.0.1:{web_port}',
+        (moto_port, web_port),
+    )
+    try:
+
+        def summary_printed() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f'up exited with {process.returncode}:\n{started.text()}')
+            return 'Ctrl-C stops everything' in started.text()
+
+        wait_until(summary_printed, timeout_s=UP_TIMEOUT_S, what='the stack up')
+        yield started
+    finally:
+        if process.poll() is None:
+            process.kill()  # a test that failed before stopping it: leave nothing behind
+            process.wait()
+        drop_database(BASE_DATABASE_URL, name)
+
+
+def test_a_job_submitted_through_the_api_runs_on_a_worker_the_scaler_started(up: Up) -> None:
+    client = graphql_client(up.web_url)
+    run_id = submit(client, 'fast_job', {})
+    assert wait_ended(client, [run_id], RUN_TIMEOUT_S) == {run_id: DagsterRunStatus.SUCCESS}
+    with psycopg.connect(up.database_url) as connection:
+        owners = {
+            row[0]
+            for row in connection.execute(
+                'SELECT owner FROM step_executions WHERE run_id = %s', (run_id,)
+            )
+        }
+        scaled = connection.execute(
+            "SELECT max(desired) FROM scaling_events WHERE service = 'taskiq-worker'"
+        ).fetchone()
+    assert owners and all(owner.startswith('taskiq-worker-') for owner in owners)
+    assert scaled is not None and scaled[0] >= 1
+
+    def logged_in_cloudwatch() -> list[dict[str, Any]]:
+        events = [
+            json.loads(line) for line in ops(up, 'logs', 'tail', 'taskiq-worker').splitlines()
+        ]
+        return [e for e in events if run_id in e['message'] and 'step_finished' in e['message']]
+
+    finished = wait_until(logged_in_cloudwatch, what="the run's worker lines in CloudWatch")
+    assert {e['stream'] for e in finished} <= owners  # one stream per worker, named after it
+    depth = {q['queue']: q for q in json.loads(ops(up, 'queue', 'depth'))}
+    assert depth['steps']['visible'] == depth['retries']['visible'] == 0
+    assert depth['dead letters']['visible'] == 0
+    status = json.loads(ops(up, 'ecs', 'status'))
+    assert status['service'] == 'taskiq-worker'
+    assert max(d['desired'] for d in status['recent_decisions']) >= 1
+
+
+def test_a_second_up_on_the_same_folder_says_so(up: Up) -> None:
+    second = subprocess.run(
+        demo_command('up', '--data-dir', str(up.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, 'DATABASE_URL': up.database_url},
+    )
+    assert second.returncode != 0
+    assert f'a stack is already up from {up.data_dir.resolve()} (pid {up.process.pid})' in (
+        second.stdout + second.stderr
+    )
+
+
+def test_a_killed_daemon_is_restarted_and_a_queued_run_still_starts(up: Up) -> None:
+    [daemon] = [
+        pid
+        for pid in children(up.process.pid)
+        if b'dagster-daemon' in Path(f'/proc/{pid}/cmdline').read_bytes() and os.getpgid(pid) == pid
+    ]
+    os.killpg(daemon, signal.SIGKILL)
+    wait_until(
+        lambda: 'component_restarted' in up.text() and 'dagster-daemon' in up.text(),
+        timeout_s=30,
+        what='the daemon restarted',
+    )
+    client = graphql_client(up.web_url)
+    run_id = submit(client, 'fast_job', {})
+    assert wait_ended(client, [run_id], RUN_TIMEOUT_S) == {run_id: DagsterRunStatus.SUCCESS}
+
+
+CHROMIUM_FLAGS = [  # the machine's network is closed: no background connections, no sandbox as root
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+]
+
+
+def test_the_ui_shows_the_finished_run_and_its_steps(up: Up) -> None:
+    """Headless chromium opens the stack's UI, finds a finished run in the runs list, opens it
+    and sees its steps succeeded; the screenshot is kept in build/test-artifacts/."""
+    chromium = shutil.which('chromium')
+    if chromium is None:
+        pytest.skip(
+            'Debian chromium is not installed (.ci/run installs it: apt-get install chromium)'
+        )
+    from playwright.sync_api import sync_playwright
+
+    client = graphql_client(up.web_url)
+    run_id = submit(client, 'fast_job', {})
+    assert wait_ended(client, [run_id], RUN_TIMEOUT_S) == {run_id: DagsterRunStatus.SUCCESS}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={'width': 1600, 'height': 1000})
+            page.goto(f'{up.web_url}/runs', timeout=120_000)
+            page.locator(f'a[href*="{run_id}"]').first.click(timeout=120_000)
+            page.wait_for_url(f'**/runs/{run_id}*', timeout=60_000)
+            page.get_by_text('Success', exact=True).first.wait_for(timeout=60_000)
+            for step in ('ping', 'add_one', 'add_one_2'):
+                page.get_by_text(step, exact=True).first.wait_for(timeout=60_000)
+            page.get_by_text('STEP_SUCCESS').first.wait_for(timeout=60_000)
+            page.get_by_text('Succeeded (3)').wait_for(timeout=60_000)  # the steps panel
+            skip = page.get_by_role('button', name='Skip')  # Dagster's newsletter dialog
+            if skip.count():
+                skip.click()
+            page.screenshot(path=str(ARTIFACTS / 'ui-run.png'), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_sigterm_stops_everything_and_frees_the_ports(up: Up) -> None:
+    started = children(up.process.pid)
+    assert len(started) >= 6  # moto, webserver, daemon, scaler, agent, workers, code servers
+    up.process.send_signal(signal.SIGTERM)
+    assert up.process.wait(timeout=180) == 0, up.text()
+    assert [pid for pid in started if alive(pid)] == []
+    assert not any(group_alive(pid) for pid in started)
+    assert not any(port_in_use(port) for port in up.ports)
