@@ -300,27 +300,6 @@ def ecs_agent(
 # ----- operations (the seed's `mise run` tasks) -----
 
 
-def target_options(command: F) -> F:
-    """Where the stack's resources are, and --json."""
-    command = click.option('--json', 'as_json', is_flag=True, help='JSON instead of a table.')(
-        command
-    )
-    command = click.option(
-        '--env',
-        'env_name',
-        default='local',
-        show_default=True,
-        help='Environment, when there is no stack.json (e.g. on AWS).',
-    )(command)
-    return click.option(
-        '--data-dir',
-        default=Path('.demo'),
-        type=click.Path(path_type=Path),
-        show_default=True,
-        help="A running stack's folder (its stack.json names its resources).",
-    )(command)
-
-
 @contextmanager
 def operation_errors() -> Iterator[None]:
     """AWS or database errors of an operations command as one line naming what failed."""
@@ -342,6 +321,28 @@ def with_operation_errors(command: F) -> F:
             return command(*args, **kwargs)
 
     return cast(F, wrapped)
+
+
+def target_options(command: F) -> F:
+    """Where the stack's resources are, and --json; AWS and database errors as one line."""
+    command = with_operation_errors(command)
+    command = click.option('--json', 'as_json', is_flag=True, help='JSON instead of a table.')(
+        command
+    )
+    command = click.option(
+        '--env',
+        'env_name',
+        default='local',
+        show_default=True,
+        help='Environment, when there is no stack.json (e.g. on AWS).',
+    )(command)
+    return click.option(
+        '--data-dir',
+        default=Path('.demo'),
+        type=click.Path(path_type=Path),
+        show_default=True,
+        help="A running stack's folder (its stack.json names its resources).",
+    )(command)
 
 
 def show(rows: list[dict[str, Any]] | dict[str, Any], as_json: bool, title: str) -> None:
@@ -371,7 +372,6 @@ def queue() -> None:
 
 @queue.command('depth')
 @target_options
-@with_operation_errors
 def queue_depth(data_dir: Path, env_name: str, as_json: bool) -> None:
     """Visible, in-flight and delayed messages of each queue."""
     from dagster_taskiq_demo import operations
@@ -382,7 +382,6 @@ def queue_depth(data_dir: Path, env_name: str, as_json: bool) -> None:
 @queue.command('dlq')
 @click.option('--redrive', is_flag=True, help='Send every dead letter back to the step queue.')
 @target_options
-@with_operation_errors
 def queue_dlq(data_dir: Path, env_name: str, as_json: bool, redrive: bool) -> None:
     """The dead letters with the reason each was set aside."""
     from dagster_taskiq_demo import operations
@@ -400,7 +399,6 @@ def ecs() -> None:
 @ecs.command('status')
 @click.argument('service', required=False)
 @target_options
-@with_operation_errors
 def ecs_status(data_dir: Path, env_name: str, as_json: bool, service: str | None) -> None:
     """A service's desired and running counts and the auto-scaler's recent decisions."""
     from dagster_taskiq_demo import operations
@@ -421,7 +419,6 @@ def aws_group() -> None:
 
 @aws_group.command('services')
 @target_options
-@with_operation_errors
 def aws_services(data_dir: Path, env_name: str, as_json: bool) -> None:
     """The cluster's ECS services."""
     from dagster_taskiq_demo import operations
@@ -431,7 +428,6 @@ def aws_services(data_dir: Path, env_name: str, as_json: bool) -> None:
 
 @aws_group.command('tasks')
 @target_options
-@with_operation_errors
 def aws_tasks(data_dir: Path, env_name: str, as_json: bool) -> None:
     """The cluster's running ECS tasks."""
     from dagster_taskiq_demo import operations
@@ -452,7 +448,6 @@ def logs() -> None:
 @click.option('--since', default='10m', show_default=True, help='How far back: 30s, 5m, 2h, 1d.')
 @click.option('--follow', is_flag=True, help='Keep printing new events until Ctrl-C.')
 @target_options
-@with_operation_errors
 def logs_tail(
     data_dir: Path, env_name: str, as_json: bool, service: str, since: str, follow: bool
 ) -> None:
