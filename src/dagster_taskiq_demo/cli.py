@@ -130,7 +130,7 @@ def print_summary(console: 'Console', stack: 'LocalStack') -> None:
         )
     console.print(table)
     console.print(
-        f'Database {stack.options.database_url}; worker logs in {stack.data_dir / "workers"}. '
+        f'Database {stack.database_url}; worker logs in {stack.data_dir / "workers"}. '
         'Workers start when work arrives (the auto-scaler starts from 0). Ctrl-C stops everything.'
     )
 
@@ -145,18 +145,31 @@ def running_stack(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dagster_taskiq.logs import configure_logging
-    from dagster_taskiq_demo.local_stack import LocalStack, StackError, StackOptions, stop_signals
+    from dagster_taskiq_demo.local_stack import (
+        LocalStack,
+        StackError,
+        StackOptions,
+        port_in_use,
+        stop_signals,
+    )
 
     load_dotenv(Path('.env'))  # .env.example lists them; the environment wins
     configure_logging(log_format or 'console', log_level)
     console = Console()
-    database_url = os.environ.get('DATABASE_URL', DEFAULT_DATABASE_URL)
+    database_url = os.environ.get('DATABASE_URL')
+    if database_url is None and port_in_use(5432):  # a PostgreSQL listens: use it
+        database_url = DEFAULT_DATABASE_URL
     with stop_signals() as stopping:
         stack = LocalStack(StackOptions(database_url=database_url, **options), stopping)
         try:
             stack.lock()
             stack.check_ports()
-            ensure_database(database_url)
+            if database_url is None:
+                console.print(
+                    'no DATABASE_URL and nothing on 127.0.0.1:5432: a PostgreSQL of its own'
+                )
+                stack.start_private_postgres()
+            ensure_database(stack.database_url)
             stack.prepare()
             with Progress(
                 SpinnerColumn(),
@@ -230,7 +243,7 @@ def demo(log_level: str, log_format: Literal['json', 'console'] | None, **option
             status = statuses[run_id]
             expected = 'SUCCESS' if meant_to_succeed else 'FAILURE'
             as_expected &= status.value == expected
-            steps = run_steps(stack.options.database_url, run_id)
+            steps = run_steps(stack.database_url, run_id)
             table.add_row(
                 job,
                 status.value,

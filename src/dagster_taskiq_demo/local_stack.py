@@ -11,9 +11,11 @@ stops the stack instead. `stop` stops everything in reverse order.
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +34,7 @@ import psycopg
 
 from dagster_taskiq.logs import get_logger
 from dagster_taskiq_demo.cloudwatch import LogShipper, LogSource, log_group
-from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS
+from dagster_taskiq_demo.emulator import EMULATOR_CREDENTIALS, free_port
 from dagster_taskiq_demo.stack import wait_for, write_dagster_home, write_workspace
 
 log = get_logger(__name__)
@@ -46,6 +48,7 @@ LOG_TAIL_LINES = 20
 SERVICES = ('dagster-daemon', 'dagster-webserver', 'taskiq-worker', 'auto-scaler')
 WORKER_SERVICE = 'taskiq-worker'
 STACK_FILE = 'stack.json'  # what the operations commands need to find the stack's resources
+PRIVATE_POSTGRES_PORT = 5433  # where free: the stack's own PostgreSQL keeps its URL between starts
 
 
 class StackError(RuntimeError):
@@ -55,7 +58,7 @@ class StackError(RuntimeError):
 @dataclass(frozen=True)
 class StackOptions:
     data_dir: Path
-    database_url: str
+    database_url: str | None  # None: the stack's own PostgreSQL (see `start_private_postgres`)
     env_name: str = 'local'
     moto_port: int = 4566
     webserver_port: int = 3000
@@ -166,6 +169,14 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float) -> No
     process.wait()
 
 
+def _answers(database_url: str) -> bool:
+    try:
+        psycopg.connect(database_url, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
 def bin_path(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
@@ -174,6 +185,7 @@ class LocalStack:
     def __init__(self, options: StackOptions, stopping: threading.Event) -> None:
         self.options = options
         self.stopping = stopping  # set by a signal: a start in progress gives up
+        self.database_url = options.database_url or ''  # set by start_private_postgres
         self.data_dir = options.data_dir.resolve()
         self.logs = self.data_dir / 'logs'
         self.components: list[Component] = []
@@ -213,6 +225,65 @@ class LocalStack:
             path.write_text(secrets.token_hex(32))
         return path.read_text().strip()
 
+    def start_private_postgres(self) -> None:
+        """A PostgreSQL server of the stack's own, its data in `<data dir>/postgres` (kept between
+        starts): the system's `initdb` and `postgres`, as the `postgres` user when run as root
+        (PostgreSQL refuses root); the stack's database is `dagster_taskiq_demo` on it."""
+        initdb = shutil.which('initdb') or next(
+            iter(sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'), reverse=True)), None
+        )
+        if initdb is None:
+            raise StackError(
+                'no PostgreSQL answers on 127.0.0.1:5432 and no PostgreSQL server is installed '
+                '(initdb): install one, or set DATABASE_URL to a server the stack can use'
+            )
+        run_as = [shutil.which('runuser') or 'runuser', '-u', 'postgres', '--']
+        run_as = run_as if os.geteuid() == 0 else []
+        folder = self.data_dir / 'postgres'
+        if not (folder / 'PG_VERSION').exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            if run_as:
+                shutil.chown(folder, 'postgres', 'postgres')
+            command = [
+                *run_as,
+                initdb,
+                '-D',
+                str(folder),
+                '-U',
+                'postgres',
+                '--auth=trust',
+                '-E',
+                'UTF8',
+            ]
+            initialised = subprocess.run(command, capture_output=True, text=True)
+            if initialised.returncode != 0:
+                raise StackError(f'initdb of {folder} failed: {initialised.stderr.strip()}')
+        port = PRIVATE_POSTGRES_PORT if not port_in_use(PRIVATE_POSTGRES_PORT) else free_port()
+        url = f'postgresql://postgres@127.0.0.1:{port}/postgres'
+        server = Path(initdb).resolve().with_name('postgres')
+        component = Component(
+            'postgres',
+            [
+                *run_as,
+                str(server),
+                '-D',
+                str(folder),
+                '-p',
+                str(port),
+                '-h',
+                '127.0.0.1',
+                '-k',
+                str(folder),
+            ],
+            lambda c: _answers(url),
+            self.logs / 'postgres.log',
+            url=f'127.0.0.1:{port}',
+            restartable=False,
+        )
+        self.components.insert(0, component)
+        self.start_component(component)
+        self.database_url = f'postgresql://postgres@127.0.0.1:{port}/dagster_taskiq_demo'
+
     def check_ports(self) -> None:
         for port, what, flag in (
             (self.options.moto_port, 'the AWS emulator', '--moto-port'),
@@ -227,13 +298,13 @@ class LocalStack:
     def prepare(self) -> None:
         """Dagster home, workspace and the environment every component gets."""
         options = self.options
-        home = write_dagster_home(self.data_dir / 'dagster_home', options.database_url)
+        home = write_dagster_home(self.data_dir / 'dagster_home', self.database_url)
         workspace = write_workspace(self.data_dir)
         for name, value in EMULATOR_CREDENTIALS.items():  # the bootstrap here needs them too
             os.environ.setdefault(name, value)
         self.env = {
             **os.environ,
-            'DATABASE_URL': options.database_url,
+            'DATABASE_URL': self.database_url,
             'DAGSTER_HOME': str(home),
             'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': f'http://127.0.0.1:{options.moto_port}',
             'DAGSTER_TASKIQ_QUEUE_NAME': f'dagster-taskiq-steps-{options.env_name}',
@@ -243,7 +314,7 @@ class LocalStack:
             'DAGSTER_TASKIQ_LOG_FORMAT': 'json',
         }
         self.env.pop('DAGSTER_TASKIQ_QUEUE_URL', None)
-        self.components = self._components(workspace)
+        self.components += self._components(workspace)
         described = {
             'env': options.env_name,
             'aws_endpoint_url': self.env['DAGSTER_TASKIQ_AWS_ENDPOINT_URL'],
@@ -251,7 +322,7 @@ class LocalStack:
             'queue_name': self.env['DAGSTER_TASKIQ_QUEUE_NAME'],
             'ecs_cluster': self.env['DAGSTER_TASKIQ_ECS_CLUSTER'],
             'worker_service': WORKER_SERVICE,
-            'database_url': options.database_url,
+            'database_url': self.database_url,
             'webserver_url': f'http://127.0.0.1:{options.webserver_port}',
         }
         (self.data_dir / STACK_FILE).write_text(json.dumps(described, indent=2))
@@ -332,7 +403,7 @@ class LocalStack:
 
     def _daemon_beats(self, component: Component) -> bool:
         """Whether the daemon's run queue has beaten since this start (Dagster's own liveness)."""
-        with psycopg.connect(self.options.database_url) as connection:
+        with psycopg.connect(self.database_url) as connection:
             row = connection.execute(
                 "SELECT 1 FROM daemon_heartbeats WHERE daemon_type = 'QUEUED_RUN_COORDINATOR'"
                 ' AND timestamp >= to_timestamp(%s) AT TIME ZONE %s',
@@ -344,7 +415,7 @@ class LocalStack:
 
     def start_steps(self) -> list[tuple[str, Callable[[], None]]]:
         """What `up` does, in order, each step done when its call returns (progress shows them)."""
-        moto, *services = self.components
+        moto, *services = [c for c in self.components if c.process is None]
         return [
             ('moto', lambda: self.start_component(moto)),
             ('bootstrap', self.bootstrap),
@@ -379,7 +450,7 @@ class LocalStack:
             name = log_group(service, self.options.env_name)
             if name not in existing:
                 logs.create_log_group(logGroupName=name)
-        store.upgrade(self.options.database_url)
+        store.upgrade(self.database_url)
         self.shipper = LogShipper(logs, self._log_sources)
         self._shipper_thread = threading.Thread(
             target=self.shipper.run, args=(self._shipping,), name='log-shipper', daemon=True
@@ -403,7 +474,7 @@ class LocalStack:
     def start_component(self, component: Component) -> None:
         """Start `component` and wait until it is healthy (its start_s: how long that took)."""
         started = time.monotonic()
-        start_process(component, self.env)
+        start_process(component, self.env or dict(os.environ))  # a private PostgreSQL: before it
 
         def healthy() -> bool:
             if self.stopping.is_set():
