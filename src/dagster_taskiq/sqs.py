@@ -1,7 +1,7 @@
 """SQS transport: aioboto3 client, the idempotent queue bootstrap and the step queues.
 
-Steps go to two queues: first attempts to the step queue, retries (and messages the executor sends
-again) to its retry queue (`{queue}-retry`), which workers poll first, so a retry never waits
+Steps go to two queues: first attempts to the step queue; retries (and messages the executor sends
+again) to its retry queue (`{queue}-retry`) too, which workers poll first, so a retry never waits
 behind a backlog of first attempts. Both redrive to one dead-letter queue (`{queue}-dlq`).
 
 Every call goes through `resilience.guarded_call` (retries with backoff, one circuit breaker per
@@ -162,8 +162,17 @@ class SqsQueue:
     async def send(
         self, body: str, attributes: Mapping[str, str | int], retry: bool = False
     ) -> str:
-        """Send a message to the step queue (or, a retry, to the retry queue); its message id."""
-        queue_url = self.urls.retry_queue_url if retry else self.urls.queue_url
+        """Send a message to the step queue; its message id.
+
+        A retry is sent twice: to the retry queue, which busy workers poll before the step queue,
+        and to the step queue, where an idle worker's long poll sees it at once. The claim refuses
+        whichever copy comes second. Its id is the retry queue copy's.
+        """
+        urls = [self.urls.retry_queue_url, self.urls.queue_url] if retry else [self.urls.queue_url]
+        message_ids = [await self._send(queue_url, body, attributes) for queue_url in urls]
+        return message_ids[0]
+
+    async def _send(self, queue_url: str, body: str, attributes: Mapping[str, str | int]) -> str:
         response = await self._call(
             'send',
             lambda: self.client.send_message(
@@ -274,16 +283,11 @@ class SqsQueue:
     async def send_to_dlq(self, body: str, reason: str, attributes: Mapping[str, str | int]) -> str:
         """Move a message that cannot be processed to the dead-letter queue, with its reason."""
         reason = reason[:MAX_REASON_CHARS]
-        response = await self._call(
-            'send_to_dlq',
-            lambda: self.client.send_message(
-                QueueUrl=self.urls.dlq_url,
-                MessageBody=body or '(empty)',
-                MessageAttributes=_string_attributes({**attributes, 'reason': reason}),  # type: ignore[arg-type]
-            ),
+        message_id = await self._send(
+            self.urls.dlq_url, body or '(empty)', {**attributes, 'reason': reason}
         )
         log.warning('message_dead_lettered', reason=reason, **attributes)
-        return response['MessageId']
+        return message_id
 
     async def peek_dlq(
         self, max_messages: int = MAX_RECEIVE_BATCH, wait_s: int = 0

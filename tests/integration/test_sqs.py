@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -76,14 +77,28 @@ async def test_retries_are_received_before_a_backlog_of_first_attempts(
     async with open_queue(settings) as queue:
         for index in range(20):
             await queue.send(f'first attempt {index}', {})
-        retry_id = await queue.send('a retry', {}, retry=True)
-        assert await queue.depth() == QueueDepth(visible=21, in_flight=0, delayed=0)
+        retry_id = await queue.send('a retry', {}, retry=True)  # both queues: see `send`
+        assert await queue.depth() == QueueDepth(visible=22, in_flight=0, delayed=0)
         [received] = await queue.receive(1, wait_s=1)
         assert (received.message_id, received.queue_url) == (retry_id, queue.urls.retry_queue_url)
         await queue.delete(received)  # through the queue it came from
-        assert await queue.depth() == QueueDepth(visible=20, in_flight=0, delayed=0)
+        assert await queue.depth() == QueueDepth(visible=21, in_flight=0, delayed=0)
         [first] = await queue.receive(1, wait_s=1)
         assert first.queue_url == queue.urls.queue_url
+
+
+async def test_an_idle_workers_long_poll_sees_a_retry_at_once(settings: Settings) -> None:
+    """A worker with nothing to do waits in the step queue's long poll, not the retry queue's:
+    the retry's copy there reaches it without waiting for the poll to end."""
+    await bootstrap_queues(settings)
+    async with open_queue(settings) as queue:
+        polling = asyncio.ensure_future(queue.receive(1, wait_s=20))
+        await asyncio.sleep(0.5)  # the fault: the retry is sent while the poll waits
+        started = time.monotonic()
+        await queue.send('a retry', {}, retry=True)
+        [received] = await asyncio.wait_for(polling, timeout=10)
+        assert received.body == 'a retry'
+        assert time.monotonic() - started < 5  # not the 20 s poll
 
 
 async def test_receive_takes_at_most_n(settings: Settings) -> None:

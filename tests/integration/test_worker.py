@@ -23,7 +23,7 @@ from dagster._serdes import deserialize_value, serialize_value
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from dagster_taskiq import message
+from dagster_taskiq import journal, message
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.sqs import SqsQueue, bootstrap_queues, open_queue
 from dagster_taskiq.step_process import StepOutcome
@@ -407,6 +407,35 @@ async def test_a_step_that_ends_as_it_is_released_still_has_its_outcome_written(
     assert [e['name'] for e in await harness.db.list_effects(task.run_id)] == ['row']
     [event] = await harness.dagster_events(task.run_id)
     assert event.dagster_event_type == DagsterEventType.STEP_SUCCESS
+
+
+async def test_outcomes_still_journaled_at_a_stop_are_written_by_it(
+    harness: Harness, start_worker: Callable[..., Awaitable[Running]]
+) -> None:
+    """An outcome the database could not take waits in the journal; a worker that stops writes
+    it (fenced) on its way out instead of leaving it for the next worker on the folder."""
+    key = f'{harness.run_id}:noop:0'
+    await harness.db.record_enqueued(
+        key, run_id=harness.run_id, job_name='one_op_job', step_key='noop', attempt=0
+    )
+    claim = await harness.db.claim(key, worker_id='w-0', lease_s=60)
+    assert isinstance(claim, Claimed)
+    running = await start_worker()
+    lock = running.worker.options.journal_dir / 'journal-w-0.lock'
+
+    async def journal_open() -> bool:
+        return lock.exists()
+
+    await eventually(journal_open, what='the journal open')
+    entry = journal.Entry(
+        key, claim.token, StepState.COMPLETED, effects=[{'name': 'row', 'payload': {}}]
+    )
+    running.worker.journal.append(entry)
+    await running.stop()
+    row = await harness.db.get_execution(key)
+    assert row is not None and row['state'] == StepState.COMPLETED
+    assert [e['name'] for e in await harness.db.list_effects(harness.run_id)] == ['row']
+    assert not list((running.worker.options.journal_dir).glob('*.jsonl'))
 
 
 async def test_a_crashed_side_task_stops_the_worker(
