@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 export UV_PYTHON := $(BIN)/python
 
-.PHONY: install test lint demo up lock clean
+.PHONY: install test lint demo up localstack lock clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,17 @@ demo: install
 
 up: install
 	$(BIN)/dagster-taskiq-demo up
+
+# LocalStack in host mode, for `up --emulator localstack`: Python 3.13 (pyenv's where present) and
+# its dependencies as of its release (later cbor2 and pyopenssl releases break its start).
+LOCALSTACK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+localstack: .localstack/bin/python
+
+.localstack/bin/python:
+	$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) venv --quiet --python $(LOCALSTACK_PYTHON) .localstack
+	$(UV) pip install --quiet --python .localstack/bin/python --exclude-newer 2026-03-24 \
+		'localstack-core[base-runtime]==2026.3.0' moto-ext
 
 # Re-resolve after editing dependencies; commit requirements.lock (uv.lock names index hosts: not committed).
 lock:

@@ -111,7 +111,7 @@ def one_failover(
                 width = {'ops': {'split': {'config': {'width': backlog}}}}
                 backlog_run = pool.submit(run_demo_job, 'fan_out_job', width)
                 wait_for(
-                    lambda: queued(database_url) >= backlog * 0.9,
+                    lambda: queued(database_url) >= backlog * 0.75,  # a worker drains it
                     timeout_s=120,
                     what=f'a backlog of {backlog} steps',
                 )

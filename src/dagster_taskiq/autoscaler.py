@@ -134,7 +134,7 @@ def decide(
 async def ecs_client(settings: Settings) -> AsyncIterator[ECSClient]:
     session = aioboto3.Session(region_name=settings.aws_region)
     async with session.client(
-        'ecs', endpoint_url=settings.aws_endpoint_url, config=aws_client_config()
+        'ecs', endpoint_url=settings.ecs_endpoint, config=aws_client_config()
     ) as client:
         yield client
 

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
             'DAGSTER_TASKIQ_AWS_ENDPOINT_URL', 'AWS_ENDPOINT_URL_SQS', 'AWS_ENDPOINT_URL'
         ),
     )
+    # ECS (the auto-scaler, the local ECS agent) where it is served apart from SQS (LocalStack's
+    # free edition serves SQS but not ECS); unset: aws_endpoint_url
+    ecs_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices('DAGSTER_TASKIQ_ECS_ENDPOINT_URL', 'AWS_ENDPOINT_URL_ECS'),
+    )
     aws_region: str = Field(
         DEFAULT_REGION,
         validation_alias=AliasChoices(
@@ -59,12 +65,16 @@ class Settings(BaseSettings):
     breaker_threshold: int = Field(DEFAULT_BREAKER_THRESHOLD, ge=1)
     breaker_cooldown_s: float = Field(DEFAULT_BREAKER_COOLDOWN_S, ge=0)
 
-    @field_validator('aws_endpoint_url')
+    @field_validator('aws_endpoint_url', 'ecs_endpoint_url')
     @classmethod
     def _endpoint_has_a_scheme(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(('http://', 'https://')):
             raise ValueError(f'{url!r} needs a scheme, e.g. http://{url}')
         return url
+
+    @property
+    def ecs_endpoint(self) -> str | None:
+        return self.ecs_endpoint_url or self.aws_endpoint_url
 
     @property
     def dlq_name(self) -> str:

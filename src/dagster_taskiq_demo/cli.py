@@ -92,7 +92,27 @@ def stack_options(command: F) -> F:
                 show_default=True,
                 help='Where the stack keeps its Dagster home, workspace, signing key and logs.',
             ),
-            click.option('--moto-port', default=DEFAULT_MOTO_PORT, show_default=True),
+            click.option(
+                '--emulator',
+                type=click.Choice(['moto', 'localstack']),
+                default='moto',
+                show_default=True,
+                help='What serves SQS and CloudWatch Logs; moto serves ECS either way '
+                "(LocalStack's free edition has none). localstack: `make localstack` first.",
+            ),
+            click.option(
+                '--moto-port',
+                type=int,
+                help=f'Default {DEFAULT_MOTO_PORT}, or {DEFAULT_MOTO_PORT + 1} beside LocalStack.',
+            ),
+            click.option('--localstack-port', default=DEFAULT_MOTO_PORT, show_default=True),
+            click.option(
+                '--localstack-python',
+                type=click.Path(path_type=Path),
+                default=Path('.localstack/bin/python'),
+                show_default=True,
+                help='The Python that has LocalStack (host mode).',
+            ),
             click.option('--webserver-port', default=DEFAULT_WEBSERVER_PORT, show_default=True),
             click.option(
                 '--max-workers',
@@ -159,6 +179,11 @@ def running_stack(
     database_url = os.environ.get('DATABASE_URL')
     if database_url is None and port_in_use(5432):  # a PostgreSQL listens: use it
         database_url = DEFAULT_DATABASE_URL
+    emulator, localstack_python = options.pop('emulator'), options.pop('localstack_python')
+    if emulator == 'localstack':
+        options['localstack_python'] = localstack_python.absolute()
+    if options['moto_port'] is None:
+        options['moto_port'] = DEFAULT_MOTO_PORT + (emulator == 'localstack')
     with stop_signals() as stopping:
         stack = LocalStack(StackOptions(database_url=database_url, **options), stopping)
         try:
@@ -296,9 +321,7 @@ def ecs_agent(
     with reported_errors(log_level):
         settings = load_settings()
     data_dir.mkdir(parents=True, exist_ok=True)
-    ecs = boto3.client(
-        'ecs', endpoint_url=settings.aws_endpoint_url, region_name=settings.aws_region
-    )
+    ecs = boto3.client('ecs', endpoint_url=settings.ecs_endpoint, region_name=settings.aws_region)
     agent = LocalEcsAgent(
         ecs,
         settings.ecs_cluster,

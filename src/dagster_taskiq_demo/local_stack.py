@@ -48,6 +48,7 @@ LOG_TAIL_LINES = 20
 SERVICES = ('dagster-daemon', 'dagster-webserver', 'taskiq-worker', 'auto-scaler')
 WORKER_SERVICE = 'taskiq-worker'
 STACK_FILE = 'stack.json'  # what the operations commands need to find the stack's resources
+EMULATORS = ('moto', 'localstack')
 PRIVATE_POSTGRES_PORT = 5433  # where free: the stack's own PostgreSQL keeps its URL between starts
 
 
@@ -62,6 +63,10 @@ class StackOptions:
     env_name: str = 'local'
     moto_port: int = 4566
     webserver_port: int = 3000
+    # SQS and CloudWatch Logs on LocalStack (host mode, this Python) instead of moto, which then
+    # serves ECS only (LocalStack's free edition has no ECS)
+    localstack_python: Path | None = None
+    localstack_port: int = 4566
     max_workers: int = 4
     worker_concurrency: int = 2
     scaler_poll_interval_s: float = 2.0
@@ -105,6 +110,7 @@ class Component:
     start_s: float | None = None  # how long the first start took to pass the health check
     restarts: int = 0
     restart_at: float | None = None  # time.monotonic() of a pending restart
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's
     log_offset: int = 0  # where the latest start's output begins in the log
     # process groups of earlier starts whose children outlived them (a daemon's run workers go
     # on with their runs): stopped with the stack
@@ -125,6 +131,7 @@ class Component:
 
 
 def start_process(component: Component, env: dict[str, str]) -> None:
+    env = {**env, **component.env}
     component.log_path.parent.mkdir(parents=True, exist_ok=True)
     component.log_offset = component.log_path.stat().st_size if component.log_path.exists() else 0
     with component.log_path.open('ab') as log_file:
@@ -169,6 +176,16 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float) -> No
     process.wait()
 
 
+def localstack_ready(url: str) -> bool:
+    """Whether LocalStack's health check shows SQS and CloudWatch Logs ready."""
+    try:
+        with urllib.request.urlopen(f'{url}/_localstack/health', timeout=2) as response:
+            services = json.load(response).get('services', {})
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return all(services.get(name) in ('available', 'running') for name in ('sqs', 'logs'))
+
+
 def _answers(database_url: str) -> bool:
     try:
         psycopg.connect(database_url, connect_timeout=2).close()
@@ -186,6 +203,12 @@ class LocalStack:
         self.options = options
         self.stopping = stopping  # set by a signal: a start in progress gives up
         self.database_url = options.database_url or ''  # set by start_private_postgres
+        self.moto_url = f'http://127.0.0.1:{options.moto_port}'
+        self.aws_url = (  # SQS and CloudWatch Logs
+            self.moto_url
+            if options.localstack_python is None
+            else f'http://127.0.0.1:{options.localstack_port}'
+        )
         self.data_dir = options.data_dir.resolve()
         self.logs = self.data_dir / 'logs'
         self.components: list[Component] = []
@@ -285,10 +308,13 @@ class LocalStack:
         self.database_url = f'postgresql://postgres@127.0.0.1:{port}/dagster_taskiq_demo'
 
     def check_ports(self) -> None:
-        for port, what, flag in (
-            (self.options.moto_port, 'the AWS emulator', '--moto-port'),
+        ports = [
+            (self.options.moto_port, 'the AWS emulator (moto)', '--moto-port'),
             (self.options.webserver_port, 'the Dagster webserver', '--webserver-port'),
-        ):
+        ]
+        if self.options.localstack_python is not None:
+            ports.append((self.options.localstack_port, 'LocalStack', '--localstack-port'))
+        for port, what, flag in ports:
             if port_in_use(port):
                 raise StackError(
                     f'port {port} for {what} is already in use on 127.0.0.1 (another stack or '
@@ -306,7 +332,8 @@ class LocalStack:
             **os.environ,
             'DATABASE_URL': self.database_url,
             'DAGSTER_HOME': str(home),
-            'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': f'http://127.0.0.1:{options.moto_port}',
+            'DAGSTER_TASKIQ_AWS_ENDPOINT_URL': self.aws_url,
+            'DAGSTER_TASKIQ_ECS_ENDPOINT_URL': self.moto_url,
             'DAGSTER_TASKIQ_QUEUE_NAME': f'dagster-taskiq-steps-{options.env_name}',
             'DAGSTER_TASKIQ_ECS_CLUSTER': f'dagster-taskiq-{options.env_name}',
             'DAGSTER_TASKIQ_WORKER_SERVICE': WORKER_SERVICE,
@@ -317,7 +344,8 @@ class LocalStack:
         self.components += self._components(workspace)
         described = {
             'env': options.env_name,
-            'aws_endpoint_url': self.env['DAGSTER_TASKIQ_AWS_ENDPOINT_URL'],
+            'aws_endpoint_url': self.aws_url,
+            'ecs_endpoint_url': self.moto_url,
             'aws_region': self.env.get('AWS_REGION', 'us-east-1'),
             'queue_name': self.env['DAGSTER_TASKIQ_QUEUE_NAME'],
             'ecs_cluster': self.env['DAGSTER_TASKIQ_ECS_CLUSTER'],
@@ -329,9 +357,10 @@ class LocalStack:
 
     def _components(self, workspace: Path) -> list[Component]:
         options = self.options
-        moto_url = f'http://127.0.0.1:{options.moto_port}'
+        moto_url = self.moto_url
         web_url = f'http://127.0.0.1:{options.webserver_port}'
         return [
+            *self._localstack(),
             Component(
                 'moto',
                 [
@@ -401,6 +430,39 @@ class LocalStack:
             ),
         ]
 
+    def _localstack(self) -> list[Component]:
+        """LocalStack in host mode (no Docker, no token: its runtime module, as found to work
+        with localstack-core 2026.3), serving SQS and CloudWatch Logs; none with moto alone."""
+        python = self.options.localstack_python
+        if python is None:
+            return []
+        if not python.exists():
+            raise StackError(
+                f'LocalStack is not installed at {python}: `make localstack` installs it '
+                '(Python 3.13, localstack-core)'
+            )
+        folder = self.data_dir / 'localstack'
+        return [
+            Component(
+                'localstack',
+                [str(python), '-m', 'localstack.runtime.main'],
+                lambda c: localstack_ready(self.aws_url),
+                self.logs / 'localstack.log',
+                url=self.aws_url,
+                restartable=False,
+                env={
+                    'GATEWAY_LISTEN': f'127.0.0.1:{self.options.localstack_port}',
+                    'SERVICES': 'sqs,logs',
+                    'OVERRIDE_IN_DOCKER': '0',  # this machine looks like a container to it
+                    'FILESYSTEM_ROOT': str(folder),
+                    'LOCALSTACK_VOLUME_DIR': str(folder / 'volume'),
+                    'DNS_ADDRESS': '0',
+                    'SKIP_SSL_CERT_DOWNLOAD': '1',
+                    'DISABLE_EVENTS': '1',
+                },
+            )
+        ]
+
     def _daemon_beats(self, component: Component) -> bool:
         """Whether the daemon's run queue has beaten since this start (Dagster's own liveness)."""
         with psycopg.connect(self.database_url) as connection:
@@ -415,9 +477,11 @@ class LocalStack:
 
     def start_steps(self) -> list[tuple[str, Callable[[], None]]]:
         """What `up` does, in order, each step done when its call returns (progress shows them)."""
-        moto, *services = [c for c in self.components if c.process is None]
+        waiting = [c for c in self.components if c.process is None]
+        emulators = [c for c in waiting if c.name in EMULATORS]
+        services = [c for c in waiting if c.name not in EMULATORS]
         return [
-            ('moto', lambda: self.start_component(moto)),
+            *[(c.name, lambda c=c: self.start_component(c)) for c in emulators],
             ('bootstrap', self.bootstrap),
             *[(c.name, lambda c=c: self.start_component(c)) for c in services],
         ]
@@ -434,17 +498,16 @@ class LocalStack:
         from dagster_taskiq_demo.ecs_agent import bootstrap_ecs
 
         settings = Settings(
-            aws_endpoint_url=self.env['DAGSTER_TASKIQ_AWS_ENDPOINT_URL'],
+            aws_endpoint_url=self.aws_url,
+            ecs_endpoint_url=self.moto_url,
             queue_name=self.env['DAGSTER_TASKIQ_QUEUE_NAME'],
             ecs_cluster=self.env['DAGSTER_TASKIQ_ECS_CLUSTER'],
         )
-        client_args = {
-            'endpoint_url': settings.aws_endpoint_url,
-            'region_name': settings.aws_region,
-        }
+        region = settings.aws_region
         asyncio.run(bootstrap_queues(settings))
-        bootstrap_ecs(boto3.client('ecs', **client_args), settings.ecs_cluster, WORKER_SERVICE)
-        logs = boto3.client('logs', **client_args)
+        ecs = boto3.client('ecs', endpoint_url=self.moto_url, region_name=region)
+        bootstrap_ecs(ecs, settings.ecs_cluster, WORKER_SERVICE)
+        logs = boto3.client('logs', endpoint_url=self.aws_url, region_name=region)
         existing = {g['logGroupName'] for g in logs.describe_log_groups()['logGroups']}
         for service in SERVICES:
             name = log_group(service, self.options.env_name)
@@ -539,7 +602,7 @@ class LocalStack:
     def stop(self) -> None:
         """Stop every component in reverse order of starting, then release the lock."""
         for component in reversed(self.components):
-            if component.name == 'moto':
+            if component.name in EMULATORS:
                 self._stop_shipping()  # a last round while CloudWatch still answers
             for pgid in component.orphan_groups:
                 with contextlib.suppress(ProcessLookupError):

@@ -32,6 +32,7 @@ RECENT_DECISIONS = 10
 class Target:
     env: str
     aws_endpoint_url: str | None
+    ecs_endpoint_url: str | None
     aws_region: str
     queue_name: str
     ecs_cluster: str
@@ -45,8 +46,9 @@ class Target:
                 'aws_access_key_id': EMULATOR_CREDENTIALS['AWS_ACCESS_KEY_ID'],
                 'aws_secret_access_key': EMULATOR_CREDENTIALS['AWS_SECRET_ACCESS_KEY'],
             }
+        endpoint = self.ecs_endpoint_url if service == 'ecs' else self.aws_endpoint_url
         return boto3.client(
-            service, endpoint_url=self.aws_endpoint_url, region_name=self.aws_region, **credentials
+            service, endpoint_url=endpoint, region_name=self.aws_region, **credentials
         )
 
 
@@ -58,6 +60,7 @@ def find_target(data_dir: Path, env_name: str) -> Target:
         return Target(
             env=described['env'],
             aws_endpoint_url=described['aws_endpoint_url'],
+            ecs_endpoint_url=described['ecs_endpoint_url'],
             aws_region=described['aws_region'],
             queue_name=described['queue_name'],
             ecs_cluster=described['ecs_cluster'],
@@ -68,6 +71,7 @@ def find_target(data_dir: Path, env_name: str) -> Target:
     return Target(
         env=env_name,
         aws_endpoint_url=settings.aws_endpoint_url,
+        ecs_endpoint_url=settings.ecs_endpoint,
         aws_region=settings.aws_region,
         queue_name=settings.queue_name,
         ecs_cluster=settings.ecs_cluster,

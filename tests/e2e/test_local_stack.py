@@ -4,10 +4,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,11 @@ from dagster_taskiq_demo.stack import create_database, drop_database
 from tests.conftest import BASE_DATABASE_URL
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a whole stack starts and stops
 UP_TIMEOUT_S = 300.0
-ARTIFACTS = Path(__file__).parents[2] / 'build' / 'test-artifacts'
+STOP_TIMEOUT_S = 180.0
+REPOSITORY = Path(__file__).parents[2]
+ARTIFACTS = REPOSITORY / 'build' / 'test-artifacts'
 RUN_TIMEOUT_S = 240.0
 
 
@@ -62,7 +66,7 @@ class Up:
     data_dir: Path
     database_url: str
     web_url: str
-    ports: tuple[int, int]
+    ports: tuple[int, ...]
 
     def text(self) -> str:
         return self.output.read_text(errors='replace')
@@ -84,27 +88,20 @@ def ops(up: 'Up', *args: str) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope='module')
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+@contextmanager
+def running_up(folder: Path, *args: str) -> Iterator[Up]:
+    """`dagster-taskiq-demo up` (with `args`) on a database of its own and free ports, once it
+    has printed its summary; stopped (SIGTERM, then SIGKILL) and its database dropped after."""
     name = f'stack_{uuid.uuid4().hex[:10]}'
     database_url = create_database(BASE_DATABASE_URL, name)
-    folder = tmp_path_factory.mktemp('stack')
     moto_port, web_port = free_port(), free_port()
     output = folder / 'up.out'
     with output.open('wb') as out:
         process = subprocess.Popen(
             demo_command(
                 'up',
-                '--data-dir',
-                str(folder / 'data'),
-                '--env',
-                'e2e',
-                '--moto-port',
-                str(moto_port),
-                '--webserver-port',
-                str(web_port),
-                '--max-workers',
-                '2',
+                *('--data-dir', str(folder / 'data'), '--env', 'e2e', '--max-workers', '2'),
+                *('--moto-port', str(moto_port), '--webserver-port', str(web_port), *args),
             ),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -128,10 +125,30 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         wait_until(summary_printed, timeout_s=UP_TIMEOUT_S, what='the stack up')
         yield started
     finally:
-        if process.poll() is None:
-            process.kill()  # a test that failed before stopping it: leave nothing behind
-            process.wait()
+        if process.poll() is None:  # a test that failed before stopping it: leave nothing behind
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         drop_database(BASE_DATABASE_URL, name)
+
+
+@pytest.fixture(scope='module')
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    with running_up(tmp_path_factory.mktemp('stack')) as started:
+        yield started
+
+
+def assert_stops_cleanly(up: Up) -> None:
+    """SIGTERM: exit 0, every process it started gone, its ports free."""
+    started = children(up.process.pid)
+    up.process.send_signal(signal.SIGTERM)
+    assert up.process.wait(timeout=STOP_TIMEOUT_S) == 0, up.text()
+    assert [pid for pid in started if alive(pid)] == []
+    assert not any(group_alive(pid) for pid in started)
+    assert not any(port_in_use(port) for port in up.ports)
 
 
 def test_a_job_submitted_through_the_api_runs_on_a_worker_the_scaler_started(up: Up) -> None:
@@ -165,6 +182,21 @@ def test_a_job_submitted_through_the_api_runs_on_a_worker_the_scaler_started(up:
     status = json.loads(ops(up, 'ecs', 'status'))
     assert status['service'] == 'taskiq-worker'
     assert max(d['desired'] for d in status['recent_decisions']) >= 1
+
+
+def test_a_port_already_served_is_reported_not_used(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run(
+            demo_command('up', '--data-dir', str(tmp_path), '--moto-port', str(port)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert refused.returncode == 1
+    assert f'port {port} for the AWS emulator (moto) is already in use' in refused.stdout
 
 
 def test_a_second_up_on_the_same_folder_says_so(up: Up) -> None:
@@ -244,10 +276,37 @@ def test_the_ui_shows_the_finished_run_and_its_steps(up: Up) -> None:
 
 
 def test_sigterm_stops_everything_and_frees_the_ports(up: Up) -> None:
-    started = children(up.process.pid)
-    assert len(started) >= 6  # moto, webserver, daemon, scaler, agent, workers, code servers
-    up.process.send_signal(signal.SIGTERM)
-    assert up.process.wait(timeout=180) == 0, up.text()
-    assert [pid for pid in started if alive(pid)] == []
-    assert not any(group_alive(pid) for pid in started)
-    assert not any(port_in_use(port) for port in up.ports)
+    assert len(children(up.process.pid)) >= 6  # moto, webserver, daemon, scaler, agent, workers
+    assert_stops_cleanly(up)
+
+
+def test_up_on_localstack_runs_sqs_and_logs_there(tmp_path: Path) -> None:
+    """`--emulator localstack`: SQS and CloudWatch Logs on LocalStack (host mode), ECS on moto;
+    a job runs, its worker's lines reach CloudWatch, and the stack stops cleanly."""
+    made = subprocess.run(
+        ['make', '-s', 'localstack'], cwd=REPOSITORY, capture_output=True, text=True, timeout=600
+    )
+    if made.returncode != 0:
+        pytest.skip(f'LocalStack cannot be installed here (make localstack): {made.stderr[-500:]}')
+    localstack_port = free_port()
+    with running_up(
+        tmp_path,
+        *('--emulator', 'localstack', '--localstack-port', str(localstack_port)),
+        *('--localstack-python', str(REPOSITORY / '.localstack' / 'bin' / 'python')),
+    ) as up:
+        described = json.loads((up.data_dir / 'stack.json').read_text())
+        assert described['aws_endpoint_url'] == f'http://127.0.0.1:{localstack_port}'
+        client = graphql_client(up.web_url)
+        run_id = submit(client, 'fast_job', {})
+        assert wait_ended(client, [run_id], RUN_TIMEOUT_S) == {run_id: DagsterRunStatus.SUCCESS}
+        assert {q['queue'] for q in json.loads(ops(up, 'queue', 'depth'))} == {
+            'steps',
+            'retries',
+            'dead letters',
+        }
+        wait_until(
+            lambda: run_id in ops(up, 'logs', 'tail', 'taskiq-worker'),
+            what="the run's worker lines in LocalStack's CloudWatch Logs",
+        )
+        up.ports = (*up.ports, localstack_port)
+        assert_stops_cleanly(up)
