@@ -22,8 +22,9 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
+# Two test files at a time (each file on one process: a module's stack is started once)
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/dagster-taskiq-demo demo

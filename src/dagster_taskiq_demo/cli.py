@@ -151,8 +151,10 @@ def print_summary(console: 'Console', stack: 'LocalStack') -> None:
     console.print(table)
     console.print(
         f'Database {stack.database_url}; worker logs in {stack.data_dir / "workers"}. '
-        'Workers start when work arrives (the auto-scaler starts from 0). Ctrl-C stops everything.'
+        'Workers start when work arrives (the auto-scaler starts from 0).',
+        soft_wrap=True,
     )
+    console.print('Up. Ctrl-C stops everything.')
 
 
 @contextmanager
@@ -260,6 +262,14 @@ def demo(log_level: str, log_format: Literal['json', 'console'] | None, **option
         except Interrupted:
             console.print('interrupted: the runs still going are terminated as the stack stops')
             sys.exit(130)
+        except TimeoutError as error:
+            console.print(
+                f'[red]{error}[/red]\nWhy steps wait: `dagster-taskiq-demo ecs status` (did the '
+                f'scaler ask for workers?), `queue depth`, the logs in {stack.logs}; a step '
+                'queued past step_queued_timeout_seconds (an hour) fails saying how deep the '
+                'queue was and how many workers were live.'
+            )
+            sys.exit(1)
         table = Table(title='demo runs')
         for column in ('job', 'status', 'expected', 'steps', 'attempts', 'retries', 'workers'):
             table.add_column(column)

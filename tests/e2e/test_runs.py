@@ -155,7 +155,7 @@ def test_a_step_queued_too_long_fails_with_the_queue_and_worker_counts(
     [failure] = [record.event_log_entry.dagster_event for record in failures]
     message = failure.step_failure_data.error.message
     assert f'{run_id}:ping:2 waited' in message
-    assert 'queue depth: 3 visible' in message
+    assert 'queue depth: 5 visible' in message  # attempt 0, and both copies of each retry
     assert 'live workers: 0' in message
 
 
