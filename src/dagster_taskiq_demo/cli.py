@@ -211,7 +211,7 @@ def running_stack(
             print_summary(console, stack)
             yield stack
         except StackError as error:
-            console.print(f'[red]{error}[/red]')
+            console.print(str(error), style='red', markup=False, soft_wrap=True)
             sys.exit(1)
         finally:
             console.print('stopping the stack (workers drain first)...')
@@ -264,10 +264,13 @@ def demo(log_level: str, log_format: Literal['json', 'console'] | None, **option
             sys.exit(130)
         except TimeoutError as error:
             console.print(
-                f'[red]{error}[/red]\nWhy steps wait: `dagster-taskiq-demo ecs status` (did the '
-                f'scaler ask for workers?), `queue depth`, the logs in {stack.logs}; a step '
-                'queued past step_queued_timeout_seconds (an hour) fails saying how deep the '
-                'queue was and how many workers were live.'
+                f'{error}\nWhy steps wait: `dagster-taskiq-demo ecs status` (did the scaler ask '
+                f'for workers?), `queue depth`, the logs in {stack.logs}; a step queued past '
+                'step_queued_timeout_seconds (an hour) fails saying how deep the queue was and '
+                'how many workers were live.',
+                style='red',
+                markup=False,
+                soft_wrap=True,
             )
             sys.exit(1)
         table = Table(title='demo runs')

@@ -387,6 +387,8 @@ class LocalStack:
                     str(options.webserver_port),
                     '-w',
                     str(workspace),
+                    '--log-format',
+                    'json',
                 ],
                 lambda c: http_ok(f'{web_url}/server_info'),
                 self.logs / 'dagster-webserver.log',
@@ -394,7 +396,7 @@ class LocalStack:
             ),
             Component(
                 'dagster-daemon',
-                [bin_path('dagster-daemon'), 'run', '-w', str(workspace)],
+                [bin_path('dagster-daemon'), 'run', '-w', str(workspace), '--log-format', 'json'],
                 self._daemon_beats,
                 self.logs / 'dagster-daemon.log',
             ),
