@@ -156,8 +156,10 @@ async def test_a_burst_brings_up_workers_that_drain_and_scale_back(
 
     await eventually(scaled_up, timeout_s=30, what='desired 3')
     decisions = await db.list_scaling_events(settings.worker_service)
-    first_seen = next(e for e in decisions if e['visible'] + e['in_flight'] >= BURST)
-    assert first_seen['desired'] == 3  # ceil(12 / 4), decided by the first poll that saw it
+    # Up in one step to what the poll saw (the burst's sends are slow, and a first worker may
+    # already drain it, so no poll need see all 12): 3 = ceil(backlog / 4) for a backlog of 9-12.
+    first_three = next(e for e in decisions if e['desired'] == 3)
+    assert first_three['visible'] + first_three['in_flight'] > 2 * TARGET
 
     async def three_started() -> bool:  # the workers drain the burst (to the DLQ) as they come up
         return len(await agent_events('task_started')) == 3
