@@ -6,6 +6,7 @@ ECS (it starts the workers the auto-scaler asks for).
 """
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import click
 from dagster_taskiq.cli import load_settings, logging_options, reported_errors
 
 if TYPE_CHECKING:
+    from dagster import DagsterRunStatus
     from rich.console import Console
 
     from dagster_taskiq_demo.local_stack import LocalStack
@@ -28,6 +30,7 @@ DEFAULT_MOTO_PORT = 4566
 DEFAULT_WEBSERVER_PORT = 3000
 DEFAULT_AGENT_POLL_INTERVAL_S = 2.0
 DEMO_TIMEOUT_S = 900.0
+TERMINATE_TIMEOUT_S = 60.0  # Ctrl-C during the demo: its runs end CANCELED before the stack stops
 
 DEFAULT_DATABASE_URL = 'postgresql://postgres@127.0.0.1:5432/dagster_taskiq_demo'
 # (job, run config, whether it is meant to succeed)
@@ -115,6 +118,12 @@ def stack_options(command: F) -> F:
             ),
             click.option('--webserver-port', default=DEFAULT_WEBSERVER_PORT, show_default=True),
             click.option(
+                '--private-postgres',
+                is_flag=True,
+                help="The stack's own PostgreSQL in the data folder even when one answers on "
+                '127.0.0.1:5432 (without DATABASE_URL and nothing there, it is the default).',
+            ),
+            click.option(
                 '--max-workers',
                 type=click.IntRange(min=1),
                 default=4,
@@ -172,14 +181,21 @@ def running_stack(
         StackError,
         StackOptions,
         port_in_use,
+        postgres_bin_dir,
         stop_signals,
     )
 
     load_dotenv(Path('.env'))  # .env.example lists them; the environment wins
     configure_logging(log_format or 'console', log_level)
+    logging.getLogger('alembic').setLevel(logging.WARNING)  # each migration's lines: noise here
     console = Console()
     database_url = os.environ.get('DATABASE_URL')
-    if database_url is None and port_in_use(5432):  # a PostgreSQL listens: use it
+    private_postgres = options.pop('private_postgres')
+    if private_postgres and database_url is not None:
+        raise click.UsageError(
+            '--private-postgres and DATABASE_URL both name the database: unset one'
+        )
+    if database_url is None and port_in_use(5432) and not private_postgres:  # one listens: use it
         database_url = DEFAULT_DATABASE_URL
     emulator, localstack_python = options.pop('emulator'), options.pop('localstack_python')
     if emulator == 'localstack':
@@ -192,10 +208,13 @@ def running_stack(
             stack.lock()
             stack.check_ports()
             if database_url is None:
+                bin_dir = postgres_bin_dir()
                 console.print(
-                    'no DATABASE_URL and nothing on 127.0.0.1:5432: a PostgreSQL of its own'
+                    f'PostgreSQL of its own in {stack.data_dir / "postgres"} (from {bin_dir})',
+                    markup=False,
+                    soft_wrap=True,
                 )
-                stack.start_private_postgres()
+                stack.start_private_postgres(bin_dir)
             ensure_database(stack.database_url)
             stack.prepare()
             with Progress(
@@ -238,13 +257,12 @@ def up(log_level: str, log_format: Literal['json', 'console'] | None, **options:
 def demo(log_level: str, log_format: Literal['json', 'console'] | None, **options: Any) -> None:
     """Start the local platform, run every demo job once through the UI's API, report, stop."""
     from rich.console import Console
-    from rich.table import Table
 
     from dagster_taskiq_demo.runs import (
         Interrupted,
         graphql_client,
-        run_steps,
         submit,
+        terminate,
         wait_ended,
     )
 
@@ -260,7 +278,8 @@ def demo(log_level: str, log_format: Literal['json', 'console'] | None, **option
         try:
             statuses = wait_ended(client, run_ids, DEMO_TIMEOUT_S, stack.stopping)
         except Interrupted:
-            console.print('interrupted: the runs still going are terminated as the stack stops')
+            console.print('interrupted: terminating the runs still going, then stopping the stack')
+            print_runs(console, stack, run_ids, terminate(client, run_ids, TERMINATE_TIMEOUT_S))
             sys.exit(130)
         except TimeoutError as error:
             console.print(
@@ -273,28 +292,44 @@ def demo(log_level: str, log_format: Literal['json', 'console'] | None, **option
                 soft_wrap=True,
             )
             sys.exit(1)
-        table = Table(title='demo runs')
-        for column in ('job', 'status', 'expected', 'steps', 'attempts', 'retries', 'workers'):
-            table.add_column(column)
-        as_expected = True
-        for (job, _, meant_to_succeed), run_id in zip(DEMO_RUNS, run_ids, strict=True):
-            status = statuses[run_id]
-            expected = 'SUCCESS' if meant_to_succeed else 'FAILURE'
-            as_expected &= status.value == expected
-            steps = run_steps(stack.database_url, run_id)
-            table.add_row(
-                job,
-                status.value,
-                expected,
-                str(steps.steps),
-                str(steps.attempts),
-                str(steps.retries),
-                ', '.join(steps.workers),
-            )
-        console.print(table)
+        as_expected = print_runs(console, stack, run_ids, statuses)
         console.print(f'Runs in the UI: {web.url}/runs (they stay after the stack stops: `up`)')
     console.print('every job ended as expected' if as_expected else 'a job did NOT end as expected')
     sys.exit(0 if as_expected else 1)
+
+
+def print_runs(
+    console: 'Console',
+    stack: 'LocalStack',
+    run_ids: list[str],
+    statuses: dict[str, 'DagsterRunStatus'],
+) -> bool:
+    """The demo runs as a table (Dagster's status, the store's steps and workers); whether each
+    ended as expected."""
+    from rich.table import Table
+
+    from dagster_taskiq_demo.runs import run_steps
+
+    table = Table(title='demo runs')
+    for column in ('job', 'status', 'expected', 'steps', 'attempts', 'retries', 'workers'):
+        table.add_column(column)
+    as_expected = True
+    for (job, _, meant_to_succeed), run_id in zip(DEMO_RUNS, run_ids, strict=True):
+        status = statuses[run_id]
+        expected = 'SUCCESS' if meant_to_succeed else 'FAILURE'
+        as_expected &= status.value == expected
+        steps = run_steps(stack.database_url, run_id)
+        table.add_row(
+            job,
+            status.value,
+            expected,
+            str(steps.steps),
+            str(steps.attempts),
+            str(steps.retries),
+            ', '.join(steps.workers),
+        )
+    console.print(table)
+    return as_expected
 
 
 @main.command('ecs-agent')

@@ -12,8 +12,10 @@ stops the stack instead. `stop` stops everything in reverse order.
 import contextlib
 import fcntl
 import glob
+import importlib.util
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -186,6 +188,37 @@ def localstack_ready(url: str) -> bool:
     return all(services.get(name) in ('available', 'running') for name in ('sqs', 'logs'))
 
 
+def postgres_bin_dir() -> Path:
+    """Where PostgreSQL's server binaries are: the system's (`initdb` on the PATH, else Debian's
+    newest /usr/lib/postgresql/*/bin), else the ones the `pgserver` package bundles."""
+    initdb = shutil.which('initdb') or next(
+        iter(sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'), reverse=True)), None
+    )
+    return Path(initdb).resolve().parent if initdb else pgserver_bin_dir()
+
+
+def pgserver_bin_dir() -> Path:
+    spec = importlib.util.find_spec('pgserver')  # not imported: it sets up locks of its own
+    if spec is None or spec.origin is None:
+        raise StackError(
+            'no PostgreSQL answers on 127.0.0.1:5432, none is installed (initdb) and the pgserver '
+            'package is missing: `make install`, or set DATABASE_URL to a server the stack can use'
+        )
+    return Path(spec.origin).parent / 'pginstall' / 'bin'
+
+
+def postgres_user() -> str | None:
+    """Whom PostgreSQL runs as: ourselves, or, as root, `postgres` where that user exists, else
+    `nobody` (the data folder is made theirs; its parents must let them through)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam('postgres')
+    except KeyError:
+        return 'nobody'
+    return 'postgres'
+
+
 def _answers(database_url: str) -> bool:
     try:
         psycopg.connect(database_url, connect_timeout=2).close()
@@ -248,28 +281,20 @@ class LocalStack:
             path.write_text(secrets.token_hex(32))
         return path.read_text().strip()
 
-    def start_private_postgres(self) -> None:
+    def start_private_postgres(self, bin_dir: Path) -> None:
         """A PostgreSQL server of the stack's own, its data in `<data dir>/postgres` (kept between
-        starts): the system's `initdb` and `postgres`, as the `postgres` user when run as root
-        (PostgreSQL refuses root); the stack's database is `dagster_taskiq_demo` on it."""
-        initdb = shutil.which('initdb') or next(
-            iter(sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'), reverse=True)), None
-        )
-        if initdb is None:
-            raise StackError(
-                'no PostgreSQL answers on 127.0.0.1:5432 and no PostgreSQL server is installed '
-                '(initdb): install one, or set DATABASE_URL to a server the stack can use'
-            )
-        run_as = [shutil.which('runuser') or 'runuser', '-u', 'postgres', '--']
-        run_as = run_as if os.geteuid() == 0 else []
+        starts), run from `bin_dir` (see `postgres_bin_dir`); as root, which PostgreSQL refuses,
+        as `postgres_user()`. The stack's database is `dagster_taskiq_demo` on it."""
+        user = postgres_user()
+        run_as = [shutil.which('runuser') or 'runuser', '-u', user, '--'] if user else []
         folder = self.data_dir / 'postgres'
         if not (folder / 'PG_VERSION').exists():
             folder.mkdir(parents=True, exist_ok=True)
-            if run_as:
-                shutil.chown(folder, 'postgres', 'postgres')
+            if user:
+                shutil.chown(folder, user)
             command = [
                 *run_as,
-                initdb,
+                str(bin_dir / 'initdb'),
                 '-D',
                 str(folder),
                 '-U',
@@ -283,7 +308,7 @@ class LocalStack:
                 raise StackError(f'initdb of {folder} failed: {initialised.stderr.strip()}')
         port = PRIVATE_POSTGRES_PORT if not port_in_use(PRIVATE_POSTGRES_PORT) else free_port()
         url = f'postgresql://postgres@127.0.0.1:{port}/postgres'
-        server = Path(initdb).resolve().with_name('postgres')
+        server = bin_dir / 'postgres'
         component = Component(
             'postgres',
             [

@@ -1,13 +1,14 @@
 """Runs of the demo jobs through Dagster's GraphQL API (as a user's UI click or script submits
 them), and what the store saw of them."""
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from dagster import DagsterRunStatus
-from dagster_graphql import DagsterGraphQLClient
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from dagster_taskiq_demo.stack import wait_for
 
@@ -68,6 +69,20 @@ def wait_ended(
     return statuses
 
 
+def terminate(
+    client: DagsterGraphQLClient, run_ids: list[str], timeout_s: float
+) -> dict[str, DagsterRunStatus]:
+    """Terminate those of `run_ids` that have not ended, as the UI's Terminate does, and wait
+    (bounded) for them to end: each run's status then."""
+    going = [run_id for run_id in run_ids if client.get_run_status(run_id) not in ENDED]
+    if going:
+        with contextlib.suppress(DagsterGraphQLClientError):  # one ended meanwhile
+            client.terminate_runs(going)
+    with contextlib.suppress(TimeoutError):
+        return wait_ended(client, run_ids, timeout_s)
+    return {run_id: client.get_run_status(run_id) for run_id in run_ids}
+
+
 @dataclass(frozen=True)
 class RunSteps:
     steps: int
@@ -86,4 +101,6 @@ def run_steps(database_url: str, run_id: str) -> RunSteps:
             (run_id,),
         ).fetchone()
     assert row is not None  # an aggregate returns one row
-    return RunSteps(steps=row[0], attempts=row[1], retries=row[2], workers=sorted(row[3]))
+    return RunSteps(
+        steps=row[0], attempts=row[1], retries=row[2], workers=sorted(row[3] or [])
+    )  # NULL: no attempt yet

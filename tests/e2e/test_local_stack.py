@@ -2,11 +2,14 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +22,14 @@ import pytest
 from dagster import DagsterRunStatus
 
 from dagster_taskiq_demo.emulator import free_port
-from dagster_taskiq_demo.local_stack import group_alive, port_in_use
+from dagster_taskiq_demo.local_stack import (
+    LocalStack,
+    StackOptions,
+    group_alive,
+    pgserver_bin_dir,
+    port_in_use,
+    postgres_bin_dir,
+)
 from dagster_taskiq_demo.runs import graphql_client, submit, wait_ended
 from dagster_taskiq_demo.stack import create_database, drop_database
 from tests.conftest import BASE_DATABASE_URL
@@ -310,3 +320,106 @@ def test_up_on_localstack_runs_sqs_and_logs_there(tmp_path: Path) -> None:
         )
         up.ports = (*up.ports, localstack_port)
         assert_stops_cleanly(up)
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A data folder the `postgres` user can reach (pytest's own tmp folders are private)."""
+    with tempfile.TemporaryDirectory(prefix='stack-') as name:
+        Path(name).chmod(0o755)
+        yield Path(name)
+
+
+def private_postgres(folder: Path, bin_dir: Path) -> LocalStack:
+    stack = LocalStack(StackOptions(data_dir=folder, database_url=None), threading.Event())
+    stack.start_private_postgres(bin_dir)
+    return stack
+
+
+@pytest.fixture(params=['system', 'pgserver'])
+def bin_dir(request: pytest.FixtureRequest) -> Path:
+    """The system's PostgreSQL, and the pgserver package's (what a machine without one uses)."""
+    if request.param == 'pgserver':
+        return pgserver_bin_dir()
+    found = postgres_bin_dir()
+    if found == pgserver_bin_dir():
+        pytest.skip('no PostgreSQL server installed on this machine (initdb)')
+    return found
+
+
+def test_a_private_postgres_keeps_its_data_between_starts_and_stops_with_the_stack(
+    folder: Path, bin_dir: Path
+) -> None:
+    stack = private_postgres(folder, bin_dir)
+    server_url = stack.database_url.rsplit('/', 1)[0] + '/postgres'
+    try:
+        with psycopg.connect(server_url, autocommit=True) as connection:
+            connection.execute('CREATE TABLE kept (value int)')
+            connection.execute('INSERT INTO kept VALUES (42)')
+    finally:
+        stack.stop()
+    [server] = stack.components
+    assert server.pid is not None and not group_alive(server.pid)
+    again = private_postgres(folder, bin_dir)
+    try:
+        assert again.database_url == stack.database_url  # same port: same URL
+        with psycopg.connect(server_url) as connection:
+            assert connection.execute('SELECT value FROM kept').fetchall() == [(42,)]
+    finally:
+        again.stop()
+
+
+def test_ctrl_c_during_the_demo_is_one_clean_stop_on_a_private_postgres(folder: Path) -> None:
+    """`demo --private-postgres`: the whole stack on PostgreSQL of its own (as on a machine with
+    none). Once a run has succeeded and others are still going, one Ctrl-C (SIGINT to the
+    foreground process group, as a terminal sends it) terminates the runs still going, stops
+    everything and exits 130: no traceback, no process left, every port free."""
+    moto_port, web_port = free_port(), free_port()
+    output = folder / 'demo.out'
+    with output.open('wb') as out:
+        process = subprocess.Popen(
+            demo_command(
+                'demo',
+                *('--data-dir', str(folder / 'data'), '--env', 'e2e', '--max-workers', '2'),
+                *('--moto-port', str(moto_port), '--webserver-port', str(web_port)),
+                '--private-postgres',
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**{k: v for k, v in os.environ.items() if k != 'DATABASE_URL'}, 'COLUMNS': '200'},
+            start_new_session=True,  # its own process group, as a shell gives a foreground job
+        )
+    try:
+
+        def database_url() -> str | None:
+            if process.poll() is not None:
+                raise AssertionError(f'demo exited with {process.returncode}:\n{text()}')
+            found = re.search(r'Database (postgresql://\S+);', text())
+            return found[1] if found else None
+
+        def text() -> str:
+            return output.read_text(errors='replace')
+
+        url = wait_until(database_url, timeout_s=UP_TIMEOUT_S, what='the stack up')
+        assert 'PostgreSQL of its own' in text() and ':5432/' not in url
+
+        def one_succeeded_others_going() -> bool:
+            with psycopg.connect(url) as connection:
+                counts = dict(connection.execute('SELECT status, count(*) FROM runs GROUP BY 1'))
+            ended = sum(counts.get(s, 0) for s in ('SUCCESS', 'FAILURE', 'CANCELED'))
+            return counts.get('SUCCESS', 0) >= 1 and ended < 7
+
+        wait_until(one_succeeded_others_going, timeout_s=RUN_TIMEOUT_S, what='a run succeeded')
+        started = children(process.pid)
+        postgres_port = int(url.rsplit(':', 1)[1].split('/')[0])
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=STOP_TIMEOUT_S) == 130, text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=STOP_TIMEOUT_S)
+    assert 'interrupted: terminating the runs still going' in text()
+    assert 'CANCELED' in text()  # the runs still going, in the table printed before stopping
+    assert 'Traceback' not in text()
+    assert [pid for pid in started if alive(pid)] == []
+    assert not any(port_in_use(port) for port in (moto_port, web_port, postgres_port))
