@@ -7,6 +7,7 @@ failure is one line naming what is wrong, with exit code 1; `--log-level debug` 
 """
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -206,6 +207,7 @@ def worker(
             journal_dir=journal_dir,
             allow_unsigned=allow_unsigned,
         )
+        os.environ[ENV_PREFIX + 'WORKER_ID'] = options.worker_id  # what its steps see as theirs
         run_async(serve(load_settings(), options))
 
 

@@ -8,7 +8,10 @@ Step outputs go through the IO manager: a folder shared by the local workers, or
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import psycopg
 from dagster import (
     Config,
     Definitions,
@@ -145,34 +148,71 @@ def crashing_job() -> None:
     add_one(crashes_first_time())
 
 
-@op
-def write_effect(context: OpExecutionContext) -> None:
-    record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
-
-
-@op(ins={'after': In(Nothing)})
-def write_effect_after(context: OpExecutionContext) -> None:
-    record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
-
-
-@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
-def side_effect_job() -> None:
-    """Ops whose effects are written with the attempt's completion (the transactional outbox)."""
-    first = write_effect.alias('effect_a')()
-    write_effect_after.alias('effect_b')(first)
-    write_effect.alias('effect_c')()
-
-
 # The demo's own record of when each attempt's user code ran (outside the store and Dagster), so a
 # test or `verify` can prove two attempts of one step never ran at once. A killed attempt has no
 # `ended_at`: it died at most ALIVE_INTERVAL_S after its last `alive_at`.
 ALIVE_INTERVAL_S = 0.1
+# Each row also names the worker that ran the attempt (DAGSTER_TASKIQ_WORKER_ID, set by the worker).
 OP_RUNS_TABLE = """
 CREATE TABLE IF NOT EXISTS demo_op_runs (
   run_id text NOT NULL, step_key text NOT NULL, attempt int NOT NULL, pid int NOT NULL,
   child_pid int, begun_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-  alive_at timestamptz NOT NULL DEFAULT clock_timestamp(), ended_at timestamptz
-)"""
+  alive_at timestamptz NOT NULL DEFAULT clock_timestamp(), ended_at timestamptz, worker text
+);
+ALTER TABLE demo_op_runs ADD COLUMN IF NOT EXISTS worker text"""
+
+
+@contextmanager
+def recorded_op_run(
+    context: OpExecutionContext, child_pid: int | None = None
+) -> Iterator[Callable[[], None]]:
+    """Record in `demo_op_runs` that this attempt's user code began, and, when the block ends
+    without an error, that it ended; the block may call what it is given to say it is alive."""
+    with psycopg.connect(os.environ['DATABASE_URL'], autocommit=True) as connection:
+        with connection.transaction():  # one at a time: concurrent CREATE IF NOT EXISTS can clash
+            connection.execute("SELECT pg_advisory_xact_lock(hashtext('demo_op_runs'))")
+            connection.execute(OP_RUNS_TABLE)
+        key = (context.run_id, context.get_step_execution_context().step.key, context.retry_number)
+        connection.execute(
+            'INSERT INTO demo_op_runs (run_id, step_key, attempt, pid, child_pid, worker)'
+            ' VALUES (%s, %s, %s, %s, %s, %s)',
+            (*key, os.getpid(), child_pid, os.environ.get('DAGSTER_TASKIQ_WORKER_ID')),
+        )
+
+        def alive() -> None:
+            connection.execute(
+                'UPDATE demo_op_runs SET alive_at = clock_timestamp()'
+                ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
+                key,
+            )
+
+        yield alive
+        connection.execute(
+            'UPDATE demo_op_runs SET ended_at = clock_timestamp()'
+            ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
+            key,
+        )
+
+
+@op
+def write_effect(context: OpExecutionContext) -> None:
+    with recorded_op_run(context):  # what a user's external side effect would see
+        record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
+
+
+@op(ins={'after': In(Nothing)})
+def write_effect_after(context: OpExecutionContext) -> None:
+    with recorded_op_run(context):
+        record_effect('row', {'step_key': str(context.op_handle), 'run_id': context.run_id})
+
+
+@job(executor_def=taskiq_executor, op_retry_policy=RETRY_POLICY)
+def side_effect_job() -> None:
+    """Ops whose effects are written with the attempt's completion (the transactional outbox),
+    each also recording when it ran (`demo_op_runs`), as a user's external side effect would."""
+    first = write_effect.alias('effect_a')()
+    write_effect_after.alias('effect_b')(first)
+    write_effect.alias('effect_c')()
 
 
 class RecordedConfig(Config):
@@ -186,34 +226,16 @@ def recorded_sleep(context: OpExecutionContext, config: RecordedConfig) -> int:
     """Sleep `seconds`, recording in `demo_op_runs` when this attempt began, lived and ended."""
     import subprocess
 
-    import psycopg
-
-    with psycopg.connect(os.environ['DATABASE_URL'], autocommit=True) as connection:
-        connection.execute(OP_RUNS_TABLE)
-        child = subprocess.Popen(['sleep', str(config.seconds + 60)]) if config.with_child else None
-        key = (context.run_id, context.get_step_execution_context().step.key, context.retry_number)
-        connection.execute(
-            'INSERT INTO demo_op_runs (run_id, step_key, attempt, pid, child_pid)'
-            ' VALUES (%s, %s, %s, %s, %s)',
-            (*key, os.getpid(), child and child.pid),
-        )
+    child = subprocess.Popen(['sleep', str(config.seconds + 60)]) if config.with_child else None
+    with recorded_op_run(context, child.pid if child else None) as alive:
         seconds = config.seconds if context.retry_number == 0 else config.retry_seconds
         deadline = time.monotonic() + (config.seconds if seconds is None else seconds)
         while time.monotonic() < deadline:
             time.sleep(ALIVE_INTERVAL_S)
-            connection.execute(
-                'UPDATE demo_op_runs SET alive_at = clock_timestamp()'
-                ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
-                key,
-            )
+            alive()
         if child is not None:
             child.kill()
             child.wait()
-        connection.execute(
-            'UPDATE demo_op_runs SET ended_at = clock_timestamp()'
-            ' WHERE run_id = %s AND step_key = %s AND attempt = %s',
-            key,
-        )
     record_effect('recorded', {'attempt': context.retry_number})  # kept only if it completes
     return context.retry_number
 

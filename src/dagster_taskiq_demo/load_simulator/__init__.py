@@ -1,0 +1,1 @@
+"""The load simulator (scenarios with real faults against the local stack) and `verify`."""
