@@ -7,13 +7,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,118 +27,22 @@ from dagster_taskiq_demo.local_stack import (
     postgres_bin_dir,
 )
 from dagster_taskiq_demo.runs import graphql_client, submit, wait_ended
-from dagster_taskiq_demo.stack import create_database, drop_database
-from tests.conftest import BASE_DATABASE_URL
+from tests.e2e.up import (
+    STOP_TIMEOUT_S,
+    UP_TIMEOUT_S,
+    Up,
+    alive,
+    children,
+    demo_command,
+    ops,
+    running_up,
+)
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a whole stack starts and stops
-UP_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 180.0
 REPOSITORY = Path(__file__).parents[2]
 ARTIFACTS = REPOSITORY / 'build' / 'test-artifacts'
 RUN_TIMEOUT_S = 240.0
-
-
-def children(pid: int) -> set[int]:
-    """Every live descendant of `pid`."""
-    parents: dict[int, int] = {}
-    for entry in Path('/proc').iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / 'stat').read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(')', 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != 'Z'
-
-
-@dataclass
-class Up:
-    process: subprocess.Popen[bytes]
-    output: Path
-    data_dir: Path
-    database_url: str
-    web_url: str
-    ports: tuple[int, ...]
-
-    def text(self) -> str:
-        return self.output.read_text(errors='replace')
-
-
-def demo_command(*args: str) -> list[str]:
-    return [str(Path(sys.executable).with_name('dagster-taskiq-demo')), *args]
-
-
-def ops(up: 'Up', *args: str) -> str:
-    """An operations command against the stack, with --json: its output."""
-    done = subprocess.run(
-        demo_command(*args, '--data-dir', str(up.data_dir), '--json'),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return done.stdout
-
-
-@contextmanager
-def running_up(folder: Path, *args: str) -> Iterator[Up]:
-    """`dagster-taskiq-demo up` (with `args`) on a database of its own and free ports, once it
-    has printed its summary; stopped (SIGTERM, then SIGKILL) and its database dropped after."""
-    name = f'stack_{uuid.uuid4().hex[:10]}'
-    database_url = create_database(BASE_DATABASE_URL, name)
-    moto_port, web_port = free_port(), free_port()
-    output = folder / 'up.out'
-    with output.open('wb') as out:
-        process = subprocess.Popen(
-            demo_command(
-                'up',
-                *('--data-dir', str(folder / 'data'), '--env', 'e2e', '--max-workers', '2'),
-                *('--moto-port', str(moto_port), '--webserver-port', str(web_port), *args),
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'},
-        )
-    started = Up(
-        process,
-        output,
-        folder / 'data',
-        database_url,
-        f'http://127.0.0.1:{web_port}',
-        (moto_port, web_port),
-    )
-    try:
-
-        def summary_printed() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f'up exited with {process.returncode}:\n{started.text()}')
-            return 'Ctrl-C stops everything' in started.text()
-
-        wait_until(summary_printed, timeout_s=UP_TIMEOUT_S, what='the stack up')
-        yield started
-    finally:
-        if process.poll() is None:  # a test that failed before stopping it: leave nothing behind
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        drop_database(BASE_DATABASE_URL, name)
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,9 @@ class Report:
         return any(self.failures.values())
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+def percentiles(values: Sequence[Any]) -> dict[str, float | None]:
     """p50/p95/p99 (nearest rank) and max of `values`, None where there are none."""
-    ordered = sorted(values)
+    ordered = sorted(float(value) for value in values)  # numeric from PostgreSQL: Decimal
     found: dict[str, float | None] = {'count': float(len(ordered))}
     for p in PERCENTILES:
         rank = math.ceil(p / 100 * len(ordered)) - 1
@@ -130,9 +131,9 @@ def _report(connection: Connection, scenario_id: str | None, settle_s: float) ->
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
-    if hasattr(value, 'is_integer'):  # Decimal and float from extract(epoch ...)
+    if isinstance(value, Decimal):  # extract(epoch ...) is numeric
         return float(value)
-    return value
+    return str(value)
 
 
 def as_dict(report: Report) -> dict[str, Any]:
