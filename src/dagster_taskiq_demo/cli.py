@@ -118,6 +118,12 @@ def stack_options(command: F) -> F:
             ),
             click.option('--webserver-port', default=DEFAULT_WEBSERVER_PORT, show_default=True),
             click.option(
+                '--fault-proxies',
+                is_flag=True,
+                help='Each worker reaches SQS and its store through fault proxies of its own, '
+                "which the load simulator's network-partition scenario cuts.",
+            ),
+            click.option(
                 '--private-postgres',
                 is_flag=True,
                 help="The stack's own PostgreSQL in the data folder even when one answers on "
@@ -350,12 +356,19 @@ def print_runs(
     '--data-dir', default=Path('.demo'), type=click.Path(path_type=Path), show_default=True
 )
 @click.option('--preload', multiple=True, help='Module each worker preloads (repeatable).')
+@click.option(
+    '--fault-proxies',
+    is_flag=True,
+    help='Each worker reaches SQS and its store through proxies of its own, cut as '
+    '<data dir>/partitions.json says.',
+)
 @logging_options
 def ecs_agent(
     poll_interval: float,
     worker_concurrency: int,
     data_dir: Path,
     preload: tuple[str, ...],
+    fault_proxies: bool,
     log_level: str,
     log_format: Literal['json', 'console'] | None,
 ) -> None:
@@ -368,6 +381,8 @@ def ecs_agent(
     configure_logging(log_format, log_level)
     with reported_errors(log_level):
         settings = load_settings()
+    if fault_proxies and settings.aws_endpoint_url is None:
+        raise click.UsageError('--fault-proxies needs an emulator endpoint (AWS_ENDPOINT_URL)')
     data_dir.mkdir(parents=True, exist_ok=True)
     ecs = boto3.client('ecs', endpoint_url=settings.ecs_endpoint, region_name=settings.aws_region)
     agent = LocalEcsAgent(
@@ -377,6 +392,9 @@ def ecs_agent(
         data_dir.resolve(),
         worker_args=('--concurrency', str(worker_concurrency)),
         preload=preload,
+        links={'sqs': str(settings.aws_endpoint_url), 'store': settings.database_url}
+        if fault_proxies
+        else None,
     )
     agent.run(poll_interval)
 

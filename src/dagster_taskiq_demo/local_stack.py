@@ -5,8 +5,9 @@ cluster and worker service, CloudWatch log groups; in this process), the migrati
 webserver and daemon, the auto-scaler and the local ECS agent, which starts the workers the
 scaler asks for. Each component is a process in a session of its own (so stopping it stops what
 it started), logging to `<data dir>/logs/<name>.log`. Like ECS, the stack restarts a component
-that exits unexpectedly, with backoff, and counts it; moto holds the queues' state, so its death
-stops the stack instead. `stop` stops everything in reverse order.
+that exits unexpectedly, with backoff, and counts it (a private PostgreSQL too: its data is on
+disk); moto holds the queues' state in memory, so its death stops the stack instead. `stop`
+stops everything in reverse order.
 """
 
 import contextlib
@@ -72,6 +73,7 @@ class StackOptions:
     max_workers: int = 4
     worker_concurrency: int = 2
     scaler_poll_interval_s: float = 2.0
+    fault_proxies: bool = False  # each worker's SQS and store links through proxies (ecs_agent.py)
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -325,8 +327,7 @@ class LocalStack:
             ],
             lambda c: _answers(url),
             self.logs / 'postgres.log',
-            url=f'127.0.0.1:{port}',
-            restartable=False,
+            url=f'127.0.0.1:{port}',  # restartable: its data is on disk (a restart is a DB fault)
         )
         self.components.insert(0, component)
         self.start_component(component)
@@ -377,6 +378,8 @@ class LocalStack:
             'worker_service': WORKER_SERVICE,
             'database_url': self.database_url,
             'webserver_url': f'http://127.0.0.1:{options.webserver_port}',
+            'private_postgres': options.database_url is None,  # its data in <data dir>/postgres
+            'fault_proxies': options.fault_proxies,
         }
         (self.data_dir / STACK_FILE).write_text(json.dumps(described, indent=2))
 
@@ -451,6 +454,7 @@ class LocalStack:
                     str(options.worker_concurrency),
                     '--preload',
                     'dagster_taskiq_demo.definitions',
+                    *(['--fault-proxies'] if options.fault_proxies else []),
                 ],
                 lambda c: c.logged('ecs_agent_started'),
                 self.logs / 'ecs-agent.log',

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,21 @@ SHORT_LEASE = {
     'DAGSTER_TASKIQ_LEASE_S': '6',
     'DAGSTER_TASKIQ_ABANDON_GRACE_S': '1',
     'DAGSTER_TASKIQ_VISIBILITY_TIMEOUT_S': '12',
+    'DAGSTER_TASKIQ_STORE_CALL_TIMEOUT_S': '2',
 }
 ENDED = {'SUCCESS', 'FAILURE', 'CANCELED'}
 
 
 @pytest.fixture(scope='module')
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    folder = tmp_path_factory.mktemp('load')
-    with running_up(folder, '--max-workers', '2', env=SHORT_LEASE) as started:
-        yield started
+def up() -> Iterator[Up]:
+    """A stack on a PostgreSQL of its own (worker-failure restarts it) whose workers reach SQS
+    and their store through fault proxies (network-partition cuts them)."""
+    with tempfile.TemporaryDirectory(prefix='load-') as name:
+        Path(name).chmod(0o755)  # its postgres user reaches the data folder
+        with running_up(
+            Path(name), '--fault-proxies', env=SHORT_LEASE, private_postgres=True
+        ) as started:
+            yield started
 
 
 def simulate(up: Up, *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,7 +75,7 @@ def test_worker_failure_kills_and_freezes_workers_and_verify_finds_nothing_broke
     scenario_id, report = scenario_report(up, done.stdout, tmp_path)
     assert set(report['runs_by_status']) <= ENDED
     assert sum(report['runs_by_status'].values()) == 8  # two bursts of four
-    assert {fault['kind'] for fault in report['faults']} == {'kill', 'freeze'}
+    assert {fault['kind'] for fault in report['faults']} == {'kill', 'freeze', 'db-restart'}
     assert set(report['failures'].values()) == {0}, report['findings']
     assert report['counts']['attempts_abandoned'] >= 1
     assert report['percentiles_s']['failover']['count'] >= 1
@@ -86,6 +93,24 @@ def test_worker_failure_kills_and_freezes_workers_and_verify_finds_nothing_broke
                 (run_id, step_key),
             ).fetchone()
             assert restarted is not None and restarted[0] >= 1, (run_id, step_key)
+
+
+def test_network_partitions_cut_workers_off_and_verify_finds_nothing_broken(
+    up: Up, tmp_path: Path
+) -> None:
+    done = simulate(
+        up,
+        'network-partition',
+        *('--max-burst-size', '4', '--duration', '45', '--seed', '3', '--wait-timeout', '180'),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    _, report = scenario_report(up, done.stdout, tmp_path)
+    assert set(report['runs_by_status']) <= ENDED
+    partitions = [fault for fault in report['faults'] if fault['kind'] == 'partition']
+    assert len(partitions) >= 2 and all(fault['ended_at'] for fault in partitions)
+    assert set(report['failures'].values()) == {0}, report['findings']
+    links = (up.data_dir / 'logs' / 'ecs-agent.log').read_text()
+    assert '"link_set"' in links and '"mode": "pass"' in links  # cut, then healed
 
 
 def test_bursts_run_and_verify(up: Up, tmp_path: Path) -> None:

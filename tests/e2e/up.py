@@ -2,6 +2,7 @@
 the whole local stack."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,13 +77,21 @@ def ops(up: 'Up', *args: str) -> str:
 
 
 @contextmanager
-def running_up(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Up]:
-    """`dagster-taskiq-demo up` (with `args`) on a database of its own and free ports, once it
-    has printed its summary; stopped (SIGTERM, then SIGKILL) and its database dropped after."""
+def running_up(
+    folder: Path, *args: str, env: dict[str, str] | None = None, private_postgres: bool = False
+) -> Iterator[Up]:
+    """`dagster-taskiq-demo up` (with `args`) on a database of its own (`private_postgres`: on
+    a PostgreSQL of its own, so `folder` must be one its `postgres` user can reach) and free
+    ports, once it has printed its summary; stopped (SIGTERM, then SIGKILL) after, and its
+    database dropped."""
     name = f'stack_{uuid.uuid4().hex[:10]}'
-    database_url = create_database(BASE_DATABASE_URL, name)
+    database_url = '' if private_postgres else create_database(BASE_DATABASE_URL, name)
     moto_port, web_port = free_port(), free_port()
     output = folder / 'up.out'
+    environment = {**os.environ, **(env or {}), 'DATABASE_URL': database_url, 'COLUMNS': '200'}
+    if private_postgres:
+        environment.pop('DATABASE_URL')
+        args = (*args, '--private-postgres')
     with output.open('wb') as out:
         process = subprocess.Popen(
             demo_command(
@@ -92,7 +101,7 @@ def running_up(folder: Path, *args: str, env: dict[str, str] | None = None) -> I
             ),
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {}), 'DATABASE_URL': database_url, 'COLUMNS': '200'},
+            env=environment,
         )
     started = Up(
         process,
@@ -110,6 +119,10 @@ def running_up(folder: Path, *args: str, env: dict[str, str] | None = None) -> I
             return 'Ctrl-C stops everything' in started.text()
 
         wait_until(summary_printed, timeout_s=UP_TIMEOUT_S, what='the stack up')
+        if private_postgres:
+            found = re.search(r'Database (postgresql://\S+);', started.text())
+            assert found, started.text()
+            started.database_url = found[1]
         yield started
     finally:
         if process.poll() is None:  # a test that failed before stopping it: leave nothing behind
@@ -119,4 +132,5 @@ def running_up(folder: Path, *args: str, env: dict[str, str] | None = None) -> I
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        drop_database(BASE_DATABASE_URL, name)
+        if not private_postgres:
+            drop_database(BASE_DATABASE_URL, name)

@@ -43,7 +43,11 @@ def scenario_options(command: F) -> F:
     )
     @functools.wraps(command)
     def wrapper(data_dir: Path, seed: int | None, wait_timeout: float, **options: Any) -> None:
-        from dagster_taskiq_demo.load_simulator.scenarios import run_scenario, summary
+        from dagster_taskiq_demo.load_simulator.scenarios import (
+            ScenarioError,
+            run_scenario,
+            summary,
+        )
         from dagster_taskiq_demo.load_simulator.verify import verify
         from dagster_taskiq_demo.local_stack import stop_signals
         from dagster_taskiq_demo.operations import find_target
@@ -54,7 +58,7 @@ def scenario_options(command: F) -> F:
         with stop_signals() as stop:
             try:
                 result = run_scenario(plan, seed, data_dir, console, stop, wait_timeout)
-            except FileNotFoundError as error:
+            except (FileNotFoundError, ScenarioError) as error:
                 raise click.ClickException(str(error)) from error
         console.print(summary(result))
         report = verify(find_target(data_dir, 'local').database_url, result.scenario_id)
@@ -124,10 +128,24 @@ def worker_failure(
     rng: random.Random, failure_burst_size: int, recovery_interval: float, duration: float
 ) -> Any:
     """Bursts of runs; each burst, a worker running a step is SIGKILLed; once, one is frozen
-    (SIGSTOP) past its lease, then resumed."""
+    (SIGSTOP) past its lease, then resumed; where the stack runs its own PostgreSQL, it is
+    restarted once mid-load."""
     from dagster_taskiq_demo.load_simulator.scenarios import worker_failure_plan
 
     return worker_failure_plan(rng, failure_burst_size, recovery_interval, duration)
+
+
+@main.command('network-partition')
+@click.option('--max-burst-size', type=click.IntRange(min=1), default=5, show_default=True)
+@DURATION
+@scenario_options
+def network_partition(rng: random.Random, max_burst_size: int, duration: float) -> Any:
+    """Bursts of runs while workers are cut off from SQS, their store or both (packets dropped
+    with connections left open, or connections reset), one worker or all, 10-60 s each. Needs a
+    stack started with `up --fault-proxies`."""
+    from dagster_taskiq_demo.load_simulator.scenarios import network_partition_plan
+
+    return network_partition_plan(rng, max_burst_size, duration)
 
 
 @main.command('verify')

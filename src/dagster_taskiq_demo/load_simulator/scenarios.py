@@ -14,17 +14,25 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+import requests
+import sqlalchemy.exc
+import tenacity
+from botocore.exceptions import BotoCoreError, ClientError
+from dagster_graphql import DagsterGraphQLClientError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from sqlalchemy import Engine
 
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.store import sync_engine
+from dagster_taskiq_demo.ecs_agent import PARTITIONS_FILE
 from dagster_taskiq_demo.load_simulator.records import (
     ensure_tables,
     fault_ended,
@@ -49,8 +57,13 @@ STEADY_MIX = [FAST, SLOW, EFFECTS, RECORDED]
 MIXED = [FAST, SLOW, FAN_OUT, FAILING, FLAKY, CRASHING, EFFECTS, RECORDED]
 FAULTY_MIX = [RECORDED, RECORDED, EFFECTS, SLOW]  # long enough steps for a kill to land mid-step
 REFRESH_S = 1.0
+T = TypeVar('T')
 WAIT_TIMEOUT_S = 600.0  # after the last submission, how long its runs may take to end
 FREEZE_PAST_LEASE_S = 5.0  # a frozen worker stays stopped this long past its lease
+
+
+class ScenarioError(RuntimeError):
+    """The stack cannot carry out the scenario (said how to fix it)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,15 @@ class Submission:
 @dataclass(frozen=True)
 class Fault:
     at_s: float
-    kind: str  # 'kill' (SIGKILL a worker running a step) or 'freeze' (SIGSTOP past its lease)
+    # 'kill': SIGKILL a worker running a step; 'freeze': SIGSTOP one past its lease, then SIGCONT;
+    # 'partition': cut workers' `links` ('sqs', 'store') in `mode` ('drop': packets swallowed,
+    # connections left open; 'reset': connections refused) for `length_s`, one worker running a
+    # step or `scope` 'all'; 'db-restart': restart the stack's own PostgreSQL (fast shutdown)
+    kind: str
+    links: tuple[str, ...] = ()
+    mode: str = 'drop'
+    scope: str = 'one'
+    length_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +136,33 @@ def worker_failure_plan(
     ]
     faults = [Fault(at + rng.uniform(3.0, 6.0), 'kill') for at in starts]
     faults.append(Fault(starts[len(starts) // 2] + rng.uniform(6.0, 9.0), 'freeze'))
+    faults.append(Fault(rng.uniform(duration_s / 3, duration_s * 2 / 3), 'db-restart'))
     return Plan('worker-failure', duration_s, submissions, sorted(faults, key=lambda f: f.at_s))
+
+
+PARTITION_GAP_S = 5.0  # between one partition's end and the next one's start
+LINK_CHOICES = [('sqs',), ('store',), ('sqs', 'store')]
+
+
+def network_partition_plan(rng: random.Random, max_burst_size: int, duration_s: float) -> Plan:
+    """Bursts of 1 to `max_burst_size` runs every 15 s; one partition after another, each 10 to
+    60 s (at most a third of the duration): SQS, the store or both, dropped or reset, of one
+    worker running a step or of all workers."""
+    starts = _every(15.0, duration_s)
+    submissions = [
+        Submission(at, rng.choice(FAULTY_MIX))
+        for at in starts
+        for _ in range(rng.randint(1, max_burst_size))
+    ]
+    faults = []
+    at = rng.uniform(3.0, 6.0)
+    while at < duration_s:
+        length_s = rng.uniform(10.0, max(10.0, min(60.0, duration_s / 3)))
+        links = rng.choice(LINK_CHOICES)
+        mode, scope = rng.choice(['drop', 'reset']), rng.choice(['one', 'one', 'all'])
+        faults.append(Fault(at, 'partition', links, mode, scope, length_s))
+        at += length_s + PARTITION_GAP_S
+    return Plan('network-partition', duration_s, submissions, faults)
 
 
 def _every(interval_s: float, duration_s: float) -> list[float]:
@@ -138,6 +185,30 @@ def local_workers(data_dir: Path) -> dict[str, int]:
         if is_worker and '--worker-id' in words and journal in words:
             found[words[words.index('--worker-id') + 1]] = int(entry.name)
     return found
+
+
+# What a database restart or a webserver restart looks like from here: wait and try again.
+TRANSIENT = (
+    psycopg.OperationalError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    DagsterGraphQLClientError,
+    requests.exceptions.ConnectionError,
+    BotoCoreError,
+    ClientError,
+)
+PATIENCE_S = 120.0
+
+
+def patiently(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, tried again with backoff for up to PATIENCE_S while the stack is away."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+        stop=tenacity.stop_after_delay(PATIENCE_S),
+        reraise=True,
+    )
+    return retrying(call, *args)
 
 
 def busy_workers(database_url: str) -> set[str]:
@@ -204,6 +275,11 @@ def run_scenario(
     """Carry `plan` out against the stack of `data_dir`; its runs' statuses once they ended (or
     the wait ran out, or `stop` was set)."""
     described = _stack(data_dir)
+    if any(f.kind == 'partition' for f in plan.faults) and not described.get('fault_proxies'):
+        raise ScenarioError(
+            f'the stack in {data_dir} runs its workers without fault proxies: start it with '
+            '`dagster-taskiq-demo up --fault-proxies` for network-partition'
+        )
     target = find_target(data_dir, described['env'])
     engine = sync_engine(target.database_url)
     ensure_tables(engine)
@@ -214,7 +290,7 @@ def run_scenario(
     run_ids: list[str] = []
     pending = list(plan.submissions)
     faults = list(plan.faults)
-    thawing: list[tuple[float, int, int]] = []  # (monotonic time to thaw, pid, fault id)
+    injector = Injector(rng, data_dir, described, target, engine, scenario_id)
     started = time.monotonic()
     console.print(
         f'scenario {scenario_id} (seed {seed}): {len(pending)} runs, {len(faults)} faults'
@@ -226,34 +302,31 @@ def run_scenario(
                 elapsed = time.monotonic() - started
                 while pending and pending[0].at_s <= elapsed:
                     job_name, config = pending.pop(0).job
-                    run_id = submit(client, job_name, config, tags={'load_scenario': scenario_id})
-                    record_submission(engine, scenario_id, run_id, job_name, seed)
+                    tags = {'load_scenario': scenario_id}
+                    run_id = patiently(submit, client, job_name, config, tags)
+                    patiently(record_submission, engine, scenario_id, run_id, job_name, seed)
                     run_ids.append(run_id)
                     progress.submitted += 1
                 while faults and faults[0].at_s <= elapsed:
                     fault = faults.pop(0)
-                    injected = _inject(fault, rng, data_dir, target, engine, scenario_id, thawing)
+                    injected = injector.inject(fault)
                     if injected is None:  # no worker was running a step: try again shortly
-                        faults.insert(0, Fault(elapsed + 1.0, fault.kind))
+                        faults.insert(0, replace(fault, at_s=elapsed + 1.0))
                         break
                     progress.faults.append(injected)
-                for thaw in [t for t in thawing if t[0] <= time.monotonic()]:
-                    thawing.remove(thaw)
-                    _signal(thaw[1], signal.SIGCONT)
-                    fault_ended(engine, thaw[2])
+                injector.lift_due()
                 if time.monotonic() - last_refresh >= REFRESH_S:
                     last_refresh = time.monotonic()
-                    _observe(progress, target, run_ids)
+                    with contextlib.suppress(*TRANSIENT):  # a database restart: next time
+                        _observe(progress, target, run_ids)
                     live.update(progress.table(plan, elapsed))
-                submitted_all = not pending and not faults and not thawing
+                submitted_all = not pending and not faults and not injector.lifts
                 waited_out = elapsed >= plan.duration_s + wait_timeout_s
                 if submitted_all and (_all_ended(progress, run_ids) or waited_out):
                     break
                 stop.wait(0.2)
     finally:
-        for _, pid, fault_id in thawing:  # never leave a worker frozen
-            _signal(pid, signal.SIGCONT)
-            fault_ended(engine, fault_id)
+        injector.lift_all()  # never leave a worker frozen or cut off
         engine.dispose()
     return ScenarioResult(
         scenario_id,
@@ -291,31 +364,104 @@ def _observe(progress: Progress, target: Target, run_ids: list[str]) -> None:
     progress.desired, progress.running_workers = status['desired'], status['running']
 
 
-def _inject(
-    fault: Fault,
-    rng: random.Random,
-    data_dir: Path,
-    target: Target,
-    engine: Any,
-    scenario_id: str,
-    thawing: list[tuple[float, int, int]],
-) -> str | None:
-    """Kill or freeze one worker that is running a step; what was done, or None if none was."""
-    workers = local_workers(data_dir)
-    candidates = sorted(set(workers) & busy_workers(target.database_url))
-    if not candidates:
-        return None
-    worker_id = rng.choice(candidates)
-    pid = workers[worker_id]
-    if fault.kind == 'kill':
-        record_fault(engine, scenario_id, 'kill', worker_id, f'SIGKILL pid {pid}')
-        _signal(pid, signal.SIGKILL)
-        return f'killed {worker_id}'
-    frozen_s = Settings().lease_s + FREEZE_PAST_LEASE_S  # the stack's workers read the same
-    fault_id = record_fault(engine, scenario_id, 'freeze', worker_id, f'SIGSTOP {frozen_s:.0f} s')
-    _signal(pid, signal.SIGSTOP)
-    thawing.append((time.monotonic() + frozen_s, pid, fault_id))
-    return f'froze {worker_id} for {frozen_s:.0f} s'
+class Injector:
+    """Injects a plan's faults into the stack, records each, and lifts them when their time
+    comes (or at once, when the scenario ends early)."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        data_dir: Path,
+        described: dict[str, Any],
+        target: Target,
+        engine: Engine,
+        scenario_id: str,
+    ) -> None:
+        self.rng = rng
+        self.data_dir = data_dir
+        self.described = described
+        self.target = target
+        self.engine = engine
+        self.scenario_id = scenario_id
+        self.lifts: list[tuple[float, Callable[[], None]]] = []  # (monotonic time, lift)
+        self.partitions: dict[str, dict[str, str]] = {}  # what partitions.json says
+
+    def inject(self, fault: Fault) -> str | None:
+        """Inject `fault`: what was done, or None when no worker was running a step."""
+        if fault.kind == 'db-restart':
+            return self._restart_database()
+        workers = local_workers(self.data_dir)
+        busy = sorted(set(workers) & patiently(busy_workers, self.target.database_url))
+        if not busy:
+            return None
+        if fault.kind == 'partition':
+            chosen = sorted(workers) if fault.scope == 'all' else [self.rng.choice(busy)]
+            return self._partition(fault, chosen)
+        worker_id = self.rng.choice(busy)
+        pid = workers[worker_id]
+        if fault.kind == 'kill':
+            self._record('kill', worker_id, f'SIGKILL pid {pid}')
+            _signal(pid, signal.SIGKILL)
+            return f'killed {worker_id}'
+        frozen_s = Settings().lease_s + FREEZE_PAST_LEASE_S  # the stack's workers read the same
+        fault_id = self._record('freeze', worker_id, f'SIGSTOP {frozen_s:.0f} s')
+        _signal(pid, signal.SIGSTOP)
+        self._lift_later(frozen_s, lambda: self._thaw(pid, fault_id))
+        return f'froze {worker_id} for {frozen_s:.0f} s'
+
+    def lift_due(self) -> None:
+        for lift in [entry for entry in self.lifts if entry[0] <= time.monotonic()]:
+            self.lifts.remove(lift)
+            lift[1]()
+
+    def lift_all(self) -> None:
+        for _, lift in self.lifts:
+            lift()
+        self.lifts.clear()
+
+    def _record(self, kind: str, target: str, detail: str) -> int:
+        return patiently(record_fault, self.engine, self.scenario_id, kind, target, detail)
+
+    def _lift_later(self, after_s: float, lift: Callable[[], None]) -> None:
+        self.lifts.append((time.monotonic() + after_s, lift))
+
+    def _thaw(self, pid: int, fault_id: int) -> None:
+        _signal(pid, signal.SIGCONT)
+        patiently(fault_ended, self.engine, fault_id)
+
+    def _partition(self, fault: Fault, worker_ids: list[str]) -> str:
+        detail = f'{fault.mode} {"+".join(fault.links)} for {fault.length_s:.0f} s'
+        fault_ids = [self._record('partition', worker_id, detail) for worker_id in worker_ids]
+        for worker_id in worker_ids:
+            self.partitions[worker_id] = {link: fault.mode for link in fault.links}
+        self._write_partitions()
+
+        def heal() -> None:
+            for worker_id in worker_ids:
+                self.partitions.pop(worker_id, None)
+            self._write_partitions()
+            for fault_id in fault_ids:
+                patiently(fault_ended, self.engine, fault_id)
+
+        self._lift_later(fault.length_s, heal)
+        return f'cut {", ".join(worker_ids)}: {detail}'
+
+    def _write_partitions(self) -> None:
+        path = self.data_dir / 'workers' / PARTITIONS_FILE
+        staged = path.with_suffix('.tmp')
+        staged.write_text(json.dumps(self.partitions))
+        staged.replace(path)  # the agent never reads half a file
+
+    def _restart_database(self) -> str:
+        """Fast shutdown of the stack's own PostgreSQL (every connection dropped); the stack
+        restarts it, as RDS does after a reboot."""
+        if not self.described.get('private_postgres'):
+            return 'db-restart skipped: the stack does not run its own PostgreSQL'
+        pid_file = self.data_dir / 'postgres' / 'postmaster.pid'
+        pid = int(pid_file.read_text().split()[0])
+        self._record('db-restart', 'postgres', f'SIGINT postmaster {pid}')
+        _signal(pid, signal.SIGINT)
+        return 'restarted the database'
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:
