@@ -128,6 +128,9 @@ def test_the_record_of_real_runs_verifies_clean(copy: str, tmp_path: Path) -> No
     assert report['runs_by_status'] == {'SUCCESS': len(JOBS)}
     assert report['counts']['attempts_retried'] == 1  # flaky_job's second attempt
     assert set(report['failures'].values()) == {0}
+    assert (tmp_path / 'report.png').read_bytes().startswith(b'\x89PNG')  # the chart, beside it
+    page = (tmp_path / 'report.html').read_text()
+    assert '<svg' in page and 'VERIFIED' in page
 
 
 PLANTED = {

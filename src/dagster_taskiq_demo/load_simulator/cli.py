@@ -160,6 +160,11 @@ def network_partition(rng: random.Random, max_burst_size: int, duration: float) 
 @click.option('--output', type=click.Path(path_type=Path), help='Write the report here.')
 @click.option('--format', 'output_format', type=click.Choice(['json', 'csv']), default='json')
 @click.option(
+    '--chart',
+    type=click.Path(path_type=Path),
+    help='Write the chart as CHART.png and CHART.html (default: beside --output, same name).',
+)
+@click.option(
     '--settle', default=60.0, show_default=True,
     help='Seconds a run may show no progress, or a lease stay expired, before it is stranded.',
 )  # fmt: skip
@@ -168,10 +173,12 @@ def verify_command(
     scenario_id: str | None,
     output: Path | None,
     output_format: Literal['json', 'csv'],
+    chart: Path | None,
     settle: float,
 ) -> None:
     """Find every way exactly-once could have broken; exit 1 if any was found."""
-    from dagster_taskiq_demo.load_simulator.verify import verify, write_csv, write_json
+    from dagster_taskiq_demo.load_simulator.chart import write_chart
+    from dagster_taskiq_demo.load_simulator.verify import as_dict, verify, write_csv, write_json
     from dagster_taskiq_demo.operations import find_target
 
     report = verify(find_target(data_dir, 'local').database_url, scenario_id, settle)
@@ -180,6 +187,10 @@ def verify_command(
     if output is not None:
         (write_csv if output_format == 'csv' else write_json)(report, output)
         console.print(f'report written to {output}', markup=False, soft_wrap=True)
+    chart = chart or (output.with_suffix('') if output is not None else None)
+    if chart is not None:
+        png, page = write_chart(as_dict(report), chart)
+        console.print(f'chart written to {png} and {page}', markup=False, soft_wrap=True)
     sys.exit(1 if report.failed else 0)
 
 

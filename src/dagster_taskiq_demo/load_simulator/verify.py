@@ -56,6 +56,7 @@ class Report:
     failovers: list[dict[str, Any]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     scaling: list[dict[str, Any]] = field(default_factory=list)
+    failure_times: list[datetime] = field(default_factory=list)  # abandoned attempts, failed runs
 
     @property
     def failures(self) -> dict[str, int]:
@@ -125,6 +126,7 @@ def _report(connection: Connection, scenario_id: str | None, settle_s: float) ->
         failovers=failovers,
         faults=_rows(connection, 'faults'),
         scaling=_rows(connection, 'scaling_timeline', **window) if window['since'] else [],
+        failure_times=[row['at'] for row in _rows(connection, 'failure_times')],
     )
 
 

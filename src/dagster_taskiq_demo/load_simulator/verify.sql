@@ -173,3 +173,12 @@ ORDER BY f.at
 -- name: scaling_timeline
 SELECT at, visible, in_flight, running, desired, reason FROM scaling_events
 WHERE at BETWEEN :since AND :until ORDER BY at
+
+-- name: failure_times
+-- When attempts were abandoned and runs failed, for the chart.
+SELECT e.ended_at AS at FROM step_executions e JOIN scope USING (run_id)
+WHERE e.state = 'ABANDONED' AND e.ended_at IS NOT NULL
+UNION ALL
+SELECT to_timestamp(r.end_time) FROM runs r JOIN scope USING (run_id)
+WHERE r.status = 'FAILURE' AND r.end_time IS NOT NULL
+ORDER BY 1
