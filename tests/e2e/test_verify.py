@@ -96,20 +96,25 @@ def create_url(name: str) -> str:
     return BASE_DATABASE_URL.rsplit('/', 1)[0] + f'/{name}'
 
 
-def verify(database_url: str, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    """The verify command as a user runs it: its exit status and its JSON report."""
-    output = tmp_path / 'report.json'
-    done = subprocess.run(
+def run_verify(database_url: str, output: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The verify command as a user runs it, writing its report to `output`."""
+    return subprocess.run(
         [
             sys.executable,
-            *('-m', 'dagster_taskiq_demo.load_simulator.cli', 'verify'),
-            *('--data-dir', str(tmp_path / 'no-stack'), '--output', str(output), *args),
+            *('-m', 'dagster_taskiq_demo.load_simulator.cli', 'verify', '--output', str(output)),
+            *('--data-dir', str(output.parent / 'no-stack'), *args),
         ],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, 'DATABASE_URL': database_url, 'COLUMNS': '200'},
     )
+
+
+def verify(database_url: str, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    """verify's exit status and its JSON report."""
+    output = tmp_path / 'report.json'
+    done = run_verify(database_url, output, *args)
     assert output.exists(), done.stdout + done.stderr
     return done.returncode, json.loads(output.read_text())
 
@@ -220,17 +225,7 @@ def test_each_planted_failure_is_reported_and_fails_the_verification(
 def test_the_csv_report_has_every_figure_and_finding(copy: str, tmp_path: Path) -> None:
     plant(copy, "DELETE FROM step_effects WHERE step_key = 'effect_b'")
     output = tmp_path / 'report.csv'
-    done = subprocess.run(
-        [
-            sys.executable,
-            *('-m', 'dagster_taskiq_demo.load_simulator.cli', 'verify', '--format', 'csv'),
-            *('--data-dir', str(tmp_path / 'no-stack'), '--output', str(output)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, 'DATABASE_URL': copy},
-    )
+    done = run_verify(copy, output, '--format', 'csv')
     assert done.returncode == 1
     lines = output.read_text().splitlines()
     assert lines[0] == 'section,name,value'
