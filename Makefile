@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 export UV_PYTHON := $(BIN)/python
 
-.PHONY: install test lint demo up localstack lock clean
+.PHONY: install test test-py313 lint demo up localstack lock clean
 
 install: $(VENV)/.installed
 
@@ -21,10 +21,24 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck docker/entrypoint.sh scripts/*.sh .ci/run
 
 # Two test files at a time (each file on one process: a module's stack is started once)
 test: lint
 	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The same unit and integration tests on Python 3.13 (the image's; pyenv's where present)
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+test-py313: .venv313/.installed
+	.venv313/bin/pytest -n 2 --dist loadfile tests/unit tests/integration $(PYTEST_ARGS)
+
+.venv313/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	test -x .venv313/bin/python || $(PYTHON) -m uv venv --quiet --python $(PY313) .venv313
+	UV_PYTHON=.venv313/bin/python $(PYTHON) -m uv pip sync --quiet requirements.lock
+	UV_PYTHON=.venv313/bin/python $(PYTHON) -m uv pip install --quiet --no-deps --editable .
+	touch $@
 
 demo: install
 	$(BIN)/dagster-taskiq-demo demo
@@ -44,9 +58,11 @@ localstack: .localstack/bin/python
 		'localstack-core[base-runtime]==2026.3.0' moto-ext
 
 # Re-resolve after editing dependencies; commit requirements.lock (uv.lock names index hosts: not committed).
+# requirements.lock: everything (make install); requirements.runtime.lock: what the image installs
 lock:
 	$(UV) lock
 	$(UV) export --quiet --format requirements-txt --no-emit-project --all-groups -o requirements.lock
+	$(UV) export --quiet --format requirements-txt --no-emit-project --no-dev -o requirements.runtime.lock
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv313
