@@ -221,7 +221,7 @@ def _task_definition(
         **_role_specifics(service),
     }
     size = config.worker_size if service == WORKER else config.service_size
-    volumes = []
+    volumes: list[aws.ecs.TaskDefinitionVolumeArgsDict] = []
     if journal is not None:
         volumes.append(
             {
@@ -263,7 +263,7 @@ def _service(
 ) -> aws.ecs.Service:
     worker = service == WORKER
     singleton = service in (DAEMON, AUTOSCALER)  # two Dagster daemons or scalers must not overlap
-    load_balancers = []
+    load_balancers: list[aws.ecs.ServiceLoadBalancerArgsDict] = []
     if entry is not None:
         load_balancers.append(
             {

@@ -5,6 +5,7 @@ engine would receive them; the tests read those records and the stack's outputs.
 """
 
 import json
+import runpy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,28 +531,59 @@ def test_prod_refuses_an_open_ui() -> None:
         DeployConfig(env='prod', region=REGION, ui_allowed_cidr='0.0.0.0/0')
 
 
+def test_the_program_exports_the_outputs_of_the_dev_stack() -> None:
+    """`pulumi up` runs deploy/__main__.py with the stack's config, as here."""
+    pulumi.runtime.set_mocks(RecordingMocks(), project=PROJECT, stack='dev')
+    pulumi.runtime.set_all_config(stack_config('dev'))
+
+    @pulumi.runtime.test
+    def program() -> None:
+        runpy.run_path(str(DEPLOY_DIR), run_name='__main__')
+
+    try:
+        program()
+    finally:
+        pulumi.runtime.set_all_config({})
+    stack = pulumi.runtime.get_root_resource()
+    assert isinstance(stack, pulumi.runtime.stack.Stack)
+    assert set(stack.outputs) == {
+        'queueUrl',
+        'retryQueueUrl',
+        'dlqUrl',
+        'clusterName',
+        'ecrRepositoryUrl',
+        'webserverUrl',
+        'databaseSecretArn',
+        'signingKeySecretArn',
+        'logGroups',
+    }
+
+
 def stack_file(stack: str) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load((DEPLOY_DIR / f'Pulumi.{stack}.yaml').read_text())
     return config['config']
 
 
-def as_config_string(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)  # booleans as true/false, objects and lists as JSON
+def stack_config(stack: str) -> dict[str, str]:
+    """A stack file's config as Pulumi hands it to the program: strings, objects as JSON."""
+    return {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in stack_file(stack).items()
+    }
 
 
 @pytest.mark.parametrize('stack', ['local', 'dev', 'prod'])
 def test_each_stack_file_loads(stack: str) -> None:
     values = stack_file(stack)
     pulumi.runtime.set_mocks(RecordingMocks(), project=PROJECT, stack=stack)
-    pulumi.runtime.set_all_config({key: as_config_string(v) for key, v in values.items()})
-    config = load_config()
-    pulumi.runtime.set_all_config({})
+    pulumi.runtime.set_all_config(stack_config(stack))
+    try:
+        config = load_config()
+    finally:
+        pulumi.runtime.set_all_config({})
     project_keys = {key.split(':', 1)[1] for key in values if key.startswith(f'{PROJECT}:')}
     assert project_keys <= CONFIG_KEYS  # a misspelt key would be ignored
     assert config.env == stack
-    assert config.region == REGION
     assert config.ui_allowed_cidr != '0.0.0.0/0'
     if stack == 'local':
         assert values['aws:skipCredentialsValidation'] is True
