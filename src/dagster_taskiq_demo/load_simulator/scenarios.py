@@ -129,7 +129,8 @@ def worker_failure_plan(
     rng: random.Random, failure_burst_size: int, recovery_interval_min: float, duration_s: float
 ) -> Plan:
     """Every `recovery_interval_min`, a burst of `failure_burst_size` runs and, once their steps
-    run, a worker killed mid-step; one worker is also frozen past its lease once."""
+    run, a worker killed mid-step; once, a worker frozen past its lease; once, in the middle
+    third, a restart of the stack's own PostgreSQL (skipped, and said, on a shared one)."""
     starts = _every(recovery_interval_min * 60.0, duration_s)
     submissions = [
         Submission(at, rng.choice(FAULTY_MIX)) for at in starts for _ in range(failure_burst_size)
