@@ -28,6 +28,7 @@ class DeployConfig:
     queue_name: str = DEFAULT_QUEUE_NAME
     image_tag: str = 'latest'
     log_retention_days: int = 14
+    outputs_retention_days: int = 14  # step outputs in S3 (re-executing a run needs its outputs)
     # Networking: a VPC of its own, unless all three are given
     vpc_cidr: str = '10.40.0.0/16'
     vpc_id: str | None = None
@@ -54,6 +55,8 @@ class DeployConfig:
         given = [bool(self.vpc_id), bool(self.public_subnet_ids), bool(self.private_subnet_ids)]
         if any(given) and not all(given):
             raise ValueError('vpcId, publicSubnetIds and privateSubnetIds go together')
+        if self.outputs_retention_days < 1:
+            raise ValueError('outputsRetentionDays must be at least 1')
         if not 0 <= self.min_workers <= self.max_workers:
             raise ValueError('minWorkers must be between 0 and maxWorkers')
 
@@ -80,6 +83,7 @@ _STRINGS = {
 }
 _INTS = {
     'logRetentionDays': 'log_retention_days',
+    'outputsRetentionDays': 'outputs_retention_days',
     'dbAllocatedStorageGb': 'db_allocated_storage_gb',
     'workerConcurrency': 'worker_concurrency',
     'minWorkers': 'min_workers',

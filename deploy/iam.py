@@ -7,7 +7,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 from deploy_config import PROJECT, DeployConfig
-from storage import Journal, Queues, Secrets
+from storage import OUTPUTS_PREFIX, Journal, Queues, Secrets
 
 SQS_CONSUME = [
     'sqs:ChangeMessageVisibility',
@@ -87,8 +87,28 @@ def run_worker_statements(queues: Queues) -> list[Statement]:
     ]
 
 
+def outputs_statements(bucket: aws.s3.Bucket) -> list[Statement]:
+    """Dagster's S3 IO manager (dagster_aws.s3.io_manager.PickledObjectS3IOManager) on its prefix:
+    list_objects once when it starts (Prefix 'demo', MaxKeys 1), get_object to load an input,
+    upload_fileobj (PutObject, multipart above 8 MB) to store an output. Op outputs are never
+    deleted (only a partitioned asset's would be; the demo has none): no s3:DeleteObject, the
+    lifecycle rule expires them."""
+    return [
+        allow(
+            ['s3:GetObject', 's3:PutObject'],
+            [pulumi.Output.concat(bucket.arn, f'/{OUTPUTS_PREFIX}/*')],
+        ),
+        # 'demo' itself: the start-up listing's Prefix has no slash, and is refused without it
+        allow(
+            ['s3:ListBucket'],
+            [bucket.arn],
+            {'StringLike': {'s3:prefix': [OUTPUTS_PREFIX, f'{OUTPUTS_PREFIX}/*']}},
+        ),
+    ]
+
+
 def worker_statements(
-    queues: Queues, log_group: aws.cloudwatch.LogGroup, journal: Journal
+    queues: Queues, log_group: aws.cloudwatch.LogGroup, journal: Journal, outputs: aws.s3.Bucket
 ) -> list[Statement]:
     work = [queues.step.arn, queues.retry.arn]
     return [
@@ -101,6 +121,7 @@ def worker_statements(
             [journal.file_system.arn],
             {'StringEquals': {'elasticfilesystem:AccessPointArn': journal.access_point.arn}},
         ),
+        *outputs_statements(outputs),
     ]
 
 

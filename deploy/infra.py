@@ -1,5 +1,6 @@
 """dagster-taskiq on AWS: SQS queues, four ECS Fargate services from one image, RDS PostgreSQL,
-the workers' journal on EFS, CloudWatch log groups and least-privilege IAM.
+the workers' journal on EFS, the steps' outputs on S3, CloudWatch log groups and least-privilege
+IAM.
 
 `build(config)` creates everything; `__main__.py` exports its outputs and the tests call it under
 Pulumi's mocks.
@@ -79,6 +80,7 @@ def build(config: DeployConfig) -> Infra:
     }
     secrets = storage.secrets(config, net, groups)
     journal = storage.journal(config, net, groups)
+    outputs_bucket = storage.outputs_bucket(config)
     entry = load_balancer(config, net, groups)
     image = pulumi.Output.concat(repository.repository_url, ':', config.image_tag)
     execution_role = iam.role(
@@ -90,7 +92,7 @@ def build(config: DeployConfig) -> Infra:
     task_statements = {
         WEBSERVER: run_worker,
         DAEMON: run_worker,
-        WORKER: iam.worker_statements(queues, log_groups[WORKER], journal),
+        WORKER: iam.worker_statements(queues, log_groups[WORKER], journal, outputs_bucket),
     }
     for service in SERVICES:
         if service == AUTOSCALER:  # its role names the worker service, created before it
@@ -100,6 +102,7 @@ def build(config: DeployConfig) -> Infra:
             config,
             service,
             image,
+            outputs_bucket.bucket,
             log_groups[service],
             secrets,
             execution_role,
@@ -131,18 +134,23 @@ def build(config: DeployConfig) -> Infra:
         'databaseSecretArn': secrets.database.arn,
         'signingKeySecretArn': secrets.signing_key.arn,
         'logGroups': pulumi.Output.from_input({s: g.name for s, g in log_groups.items()}),
+        'outputsBucket': outputs_bucket.bucket,
     }
     return Infra(queues, cluster, log_groups, task_definitions, services, outputs)
 
 
-def _environment(config: DeployConfig, service: str) -> dict[str, str]:
+def _environment(
+    config: DeployConfig, service: str, outputs_bucket: pulumi.Output[str]
+) -> dict[str, pulumi.Input[str]]:
     """The project's settings (dagster_taskiq.settings and the CLI's DAGSTER_TASKIQ_* options)."""
-    environment = {
+    environment: dict[str, pulumi.Input[str]] = {
         'DAGSTER_TASKIQ_QUEUE_NAME': config.queue_name,
         'DAGSTER_TASKIQ_AWS_REGION': config.region,
         'DAGSTER_TASKIQ_ECS_CLUSTER': config.cluster_name,
         'DAGSTER_TASKIQ_WORKER_SERVICE': WORKER,
     }
+    if service != AUTOSCALER:  # the code location's IO manager (the worker runs the steps)
+        environment['DAGSTER_TASKIQ_DEMO_S3_BUCKET'] = outputs_bucket
     if service == WORKER:
         environment |= {
             'DAGSTER_TASKIQ_CONCURRENCY': str(config.worker_concurrency),
@@ -191,6 +199,7 @@ def _task_definition(
     config: DeployConfig,
     service: str,
     image: pulumi.Output[str],
+    outputs_bucket: pulumi.Output[str],
     log_group: aws.cloudwatch.LogGroup,
     secrets: Secrets,
     execution_role: aws.iam.Role,
@@ -204,7 +213,7 @@ def _task_definition(
         'command': [COMMANDS[service]],
         'environment': [
             {'name': name, 'value': value}
-            for name, value in sorted(_environment(config, service).items())
+            for name, value in sorted(_environment(config, service, outputs_bucket).items())
         ],
         'secrets': [
             {'name': name, 'valueFrom': value}

@@ -1,5 +1,5 @@
-"""Where state lives: the SQS queues, PostgreSQL (RDS) with its secrets and the workers'
-journal (EFS)."""
+"""Where state lives: the SQS queues, PostgreSQL (RDS) with its secrets, the workers' journal
+(EFS) and the steps' outputs (S3)."""
 
 import json
 from dataclasses import dataclass
@@ -15,6 +15,8 @@ MAX_RECEIVE_COUNT = 10
 DLQ_RETENTION_S = 14 * 24 * 3600  # dagster_taskiq.sqs.DLQ_RETENTION_S
 DB_NAME = DB_USER = 'dagster'
 JOURNAL_UID = 1000
+# dagster_taskiq_demo.definitions.demo_io_manager's s3_prefix: its objects are `demo/...`
+OUTPUTS_PREFIX = 'demo'
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,37 @@ def journal(config: DeployConfig, net: Network, groups: SecurityGroups) -> Journ
         },
     )
     return Journal(file_system, access_point, mount_targets)
+
+
+def outputs_bucket(config: DeployConfig) -> aws.s3.Bucket:
+    """Step outputs, through Dagster's IO manager: one worker writes what another reads. Named by
+    Pulumi (bucket names are global), private, encrypted; they expire after outputsRetentionDays."""
+    bucket = aws.s3.Bucket('step-outputs', force_destroy=not config.protect_data)
+    aws.s3.BucketPublicAccessBlock(
+        'step-outputs',
+        bucket=bucket.id,
+        block_public_acls=True,
+        block_public_policy=True,
+        ignore_public_acls=True,
+        restrict_public_buckets=True,
+    )
+    aws.s3.BucketServerSideEncryptionConfiguration(
+        'step-outputs',
+        bucket=bucket.id,
+        rules=[{'apply_server_side_encryption_by_default': {'sse_algorithm': 'AES256'}}],
+    )
+    aws.s3.BucketLifecycleConfiguration(
+        'step-outputs',
+        bucket=bucket.id,
+        rules=[
+            {
+                'id': 'expire-step-outputs',
+                'status': 'Enabled',
+                'filter': {'prefix': f'{OUTPUTS_PREFIX}/'},
+                'expiration': {'days': config.outputs_retention_days},
+                # an upload cut short (multipart above 8 MB) leaves parts the expiry never sees
+                'abort_incomplete_multipart_upload': {'days_after_initiation': 1},
+            }
+        ],
+    )
+    return bucket

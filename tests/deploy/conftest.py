@@ -12,3 +12,7 @@ with warnings.catch_warnings():
     # its own (EncryptionControl), which the program does not use; warnings are errors in tests
     warnings.filterwarnings('ignore', 'aws.ec2/encryptioncontrol', DeprecationWarning)
     from pulumi_aws.ec2 import Vpc  # noqa: F401
+
+    # likewise its s3 module, about the V2 aliases of the resources the program uses (s3.Bucket...)
+    warnings.filterwarnings('ignore', r'(aws\.s3/\w+v2\.|s3\.BucketV2 )', DeprecationWarning)
+    from pulumi_aws.s3 import Bucket  # noqa: F401

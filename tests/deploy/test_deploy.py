@@ -38,6 +38,10 @@ PROD = DeployConfig(
 # How Pulumi's wire format marks a secret value (the engine encrypts it in the state)
 SECRET = {'4dabf18193072939515e22adb298388d': '1b47061264138c4ac30d75fd1eb44270'}
 ECR_TOKEN = 'ecr:GetAuthorizationToken'
+# What Pulumi's auto-naming makes of the step outputs bucket's resource name
+OUTPUTS_BUCKET = 'step-outputs-1a2b3c4'
+OUTPUTS_BUCKET_ARN = f'arn:aws:s3:::{OUTPUTS_BUCKET}'
+OUTPUT_OBJECTS = f'{OUTPUTS_BUCKET_ARN}/demo/*'  # the IO manager's objects (prefix demo)
 LIST_TASKS = 'ecs:ListTasks'
 
 
@@ -54,6 +58,9 @@ def mocked_state(typ: str, name: str, inputs: dict[str, Any]) -> dict[str, Any]:
     if typ == 'aws:ecs/service:Service':
         cluster = inputs['cluster'].rsplit('/', 1)[-1]
         return {'arn': arn('ecs', f'service/{cluster}/{named}')}
+    if typ == 'aws:s3/bucket:Bucket':
+        bucket = f'{name}-1a2b3c4'
+        return {'id': bucket, 'bucket': bucket, 'arn': f'arn:aws:s3:::{bucket}'}
     states = {
         'aws:ec2/securityGroup:SecurityGroup': {'id': f'sg-{name}'},
         'aws:ecs/cluster:Cluster': {'arn': arn('ecs', f'cluster/{named}')},
@@ -345,7 +352,8 @@ def test_the_containers_get_the_projects_settings(dev: Built) -> None:
 def test_no_policy_has_a_wildcard_but_the_two_aws_requires(dev: Built) -> None:
     """Actions are never wildcards. Resource "*" only for the two actions that take no resource:
     ecr:GetAuthorizationToken (alone in its statement) and ecs:ListTasks (alone, held to the
-    cluster by a condition). In an ARN, "*" only as the streams of one of our log groups."""
+    cluster by a condition). In an ARN, "*" only as the streams of one of our log groups or as the
+    objects under demo/ of the step outputs bucket (exactly `<bucket arn>/demo/*`)."""
     log_groups = {arn('logs', f'log-group:/aws/ecs/{s}-dev') for s in infra.SERVICES}
     documents = dict(dev.policies())
     assert len(documents) == 2 * 5  # five roles (execution + four tasks), trust + permissions
@@ -357,8 +365,10 @@ def test_no_policy_has_a_wildcard_but_the_two_aws_requires(dev: Built) -> None:
             for resource in as_list(statement.get('Resource', [])):
                 if resource == '*':
                     unscoped.append(statement)
+                elif resource.endswith(':*'):
+                    assert resource[:-2] in log_groups, resource
                 elif '*' in resource:
-                    assert resource.endswith(':*') and resource[:-2] in log_groups, resource
+                    assert resource == OUTPUT_OBJECTS, resource
     assert unscoped == [
         {'Effect': 'Allow', 'Action': [ECR_TOKEN], 'Resource': ['*']},
         {
@@ -413,6 +423,9 @@ def test_the_worker_role_consumes_sends_only_to_its_queues_and_has_no_ecs(dev: B
         'logs:PutLogEvents',
         'elasticfilesystem:ClientMount',
         'elasticfilesystem:ClientWrite',
+        's3:GetObject',
+        's3:PutObject',
+        's3:ListBucket',
     }
     assert resources_for(statements, 'logs:PutLogEvents') == {
         arn('logs', 'log-group:/aws/ecs/taskiq-worker-dev:*')
@@ -426,6 +439,93 @@ def test_the_worker_role_consumes_sends_only_to_its_queues_and_has_no_ecs(dev: B
             )
         }
     }
+
+
+def test_only_the_worker_role_has_s3_and_only_on_the_step_outputs_prefix(dev: Built) -> None:
+    s3 = [
+        statement
+        for statement in dev.statements('taskiq-worker')
+        if any(action.startswith('s3:') for action in as_list(statement['Action']))
+    ]
+    assert s3 == [
+        {
+            'Effect': 'Allow',
+            'Action': ['s3:GetObject', 's3:PutObject'],
+            'Resource': [OUTPUT_OBJECTS],
+        },
+        {
+            'Effect': 'Allow',
+            'Action': ['s3:ListBucket'],
+            'Resource': [OUTPUTS_BUCKET_ARN],
+            # the IO manager lists once with Prefix 'demo' (no slash) when it starts
+            'Condition': {'StringLike': {'s3:prefix': ['demo', 'demo/*']}},
+        },
+    ]
+    for name, document in dev.policies():
+        if name != 'taskiq-worker':
+            statements = document['Statement']
+            assert not [action for action in actions(statements) if action.startswith('s3:')], name
+            assert 'arn:aws:s3' not in json.dumps(document), name
+
+
+def test_the_step_outputs_bucket_is_private_encrypted_and_expires(dev: Built) -> None:
+    bucket = dev.one('aws:s3/bucket:Bucket', 'step-outputs')
+    assert not bucket.keys() & {'bucket', 'bucketPrefix'}  # named by Pulumi: names are global
+    assert bucket['forceDestroy'] is True  # dev does not protect data
+    block = dev.one('aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock', 'step-outputs')
+    assert block == {
+        'bucket': OUTPUTS_BUCKET,
+        'blockPublicAcls': True,
+        'blockPublicPolicy': True,
+        'ignorePublicAcls': True,
+        'restrictPublicBuckets': True,
+    }
+    encryption = dev.one(
+        'aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration',
+        'step-outputs',
+    )
+    assert encryption['bucket'] == OUTPUTS_BUCKET
+    assert encryption['rules'] == [
+        {'applyServerSideEncryptionByDefault': {'sseAlgorithm': 'AES256'}}
+    ]
+    lifecycle = dev.one(
+        'aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration', 'step-outputs'
+    )
+    assert lifecycle['bucket'] == OUTPUTS_BUCKET
+    [rule] = lifecycle['rules']
+    assert (rule['status'], rule['filter'], rule['expiration']) == (
+        'Enabled',
+        {'prefix': 'demo/'},
+        {'days': 14},
+    )
+    assert rule['abortIncompleteMultipartUpload'] == {'daysAfterInitiation': 1}
+
+
+def test_the_outputs_retention_is_a_setting() -> None:
+    config = DeployConfig(
+        env='dev', region=REGION, ui_allowed_cidr='203.0.113.0/24', outputs_retention_days=3
+    )
+    lifecycle = build_stack(config).one(
+        'aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration', 'step-outputs'
+    )
+    assert [rule['expiration'] for rule in lifecycle['rules']] == [{'days': 3}]
+    with pytest.raises(ValueError, match='outputsRetentionDays'):
+        DeployConfig(
+            env='dev', region=REGION, ui_allowed_cidr='203.0.113.0/24', outputs_retention_days=0
+        )
+
+
+def test_the_code_location_gets_the_step_outputs_bucket(dev: Built) -> None:
+    """The demo's IO manager uses S3 when DAGSTER_TASKIQ_DEMO_S3_BUCKET is set: the worker runs
+    the steps; the webserver and daemon load the same code location. Not a secret: plain env."""
+    for service in infra.SERVICES:
+        container = dev.container(service)
+        environment = {e['name']: e['value'] for e in container['environment']}
+        if service == 'auto-scaler':
+            assert 'DAGSTER_TASKIQ_DEMO_S3_BUCKET' not in environment
+        else:
+            assert environment['DAGSTER_TASKIQ_DEMO_S3_BUCKET'] == OUTPUTS_BUCKET
+        assert 'DAGSTER_TASKIQ_DEMO_S3_BUCKET' not in {s['name'] for s in container['secrets']}
 
 
 def test_the_run_worker_roles_send_steps_and_retries(dev: Built) -> None:
@@ -496,6 +596,7 @@ def test_the_stack_outputs(dev: Built) -> None:
             'secretsmanager', 'secret:dagster-taskiq/dev/signing-key-AbCdEf'
         ),
         'logGroups': {s: f'/aws/ecs/{s}-dev' for s in infra.SERVICES},
+        'outputsBucket': OUTPUTS_BUCKET,
     }
 
 
@@ -507,6 +608,7 @@ def test_prod_is_larger_redundant_and_protected() -> None:
     assert database['deletionProtection'] is True
     assert database['skipFinalSnapshot'] is False
     assert len(prod.of_type('aws:ec2/natGateway:NatGateway')) == 2
+    assert prod.one('aws:s3/bucket:Bucket', 'step-outputs')['forceDestroy'] is False
     dev_database = build_stack(DEV).one('aws:rds/instance:Instance', 'database')
     assert (dev_database['multiAz'], dev_database['deletionProtection']) == (False, False)
 
@@ -556,6 +658,7 @@ def test_the_program_exports_the_outputs_of_the_dev_stack() -> None:
         'databaseSecretArn',
         'signingKeySecretArn',
         'logGroups',
+        'outputsBucket',
     }
 
 
