@@ -11,11 +11,16 @@ CREATE TEMPORARY TABLE scope ON COMMIT DROP AS
 SELECT run_id FROM load_submissions WHERE scenario_id = :scenario_id
 
 -- name: window
--- From the first submission (or attempt) in scope to now: the scaling timeline's and faults' span.
+-- The scaling timeline's span: from the first submission (or attempt) in scope to the end of its
+-- last run (now, while one is still going).
 SELECT least(
   (SELECT min(submitted_at) FROM load_submissions JOIN scope USING (run_id)),
   (SELECT min(enqueued_at) FROM step_executions JOIN scope USING (run_id))
-) AS since, clock_timestamp() AS until
+) AS since,
+CASE WHEN EXISTS (SELECT 1 FROM runs JOIN scope USING (run_id) WHERE end_time IS NULL)
+  THEN clock_timestamp()
+  ELSE (SELECT to_timestamp(max(end_time)) FROM runs JOIN scope USING (run_id))
+END AS until
 
 -- name: runs_by_status
 SELECT r.status, count(*) AS runs FROM runs r JOIN scope USING (run_id) GROUP BY 1 ORDER BY 1
