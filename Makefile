@@ -26,7 +26,7 @@ lint: install
 
 # Two test files at a time (each file on one process: a module's stack is started once)
 test: lint
-	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # The same unit and integration tests on Python 3.13 (the image's; pyenv's where present)
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
