@@ -150,14 +150,18 @@ class LocalEcsAgent:
         """Set each worker's links to what the partitions file says (pass where it says none)."""
         path = self.log_dir / PARTITIONS_FILE
         try:
-            wanted = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError) as error:
+            written = json.loads(path.read_text()) if path.exists() else {}
+            wanted = {
+                worker: {link: Mode(mode) for link, mode in cuts.items()}
+                for worker, cuts in written.items()
+            }
+        except (OSError, ValueError, AttributeError) as error:  # not {worker: {link: mode}}
             log.warning('partitions_unreadable', path=str(path), error=str(error))
             return
         for task in self.tasks:
             cuts = wanted.get(task.worker.worker_id, {})
             for name, proxy in task.proxies.items():
-                mode = Mode(cuts.get(name, Mode.PASS))
+                mode = cuts.get(name, Mode.PASS)
                 if proxy.mode is mode:
                     continue
                 if mode is Mode.PASS and proxy.mode is Mode.DROP:

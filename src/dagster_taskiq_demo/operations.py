@@ -52,11 +52,17 @@ class Target:
         )
 
 
+def read_stack(data_dir: Path) -> dict[str, Any] | None:
+    """What the stack of `data_dir` wrote about itself (its stack.json), if one was started."""
+    path = data_dir / STACK_FILE
+    described: dict[str, Any] | None = json.loads(path.read_text()) if path.exists() else None
+    return described
+
+
 def find_target(data_dir: Path, env_name: str) -> Target:
     """The running stack's resources (its stack.json), else those the environment names."""
-    path = data_dir / STACK_FILE
-    if path.exists():
-        described = json.loads(path.read_text())
+    described = read_stack(data_dir)
+    if described is not None:
         return Target(
             env=described['env'],
             aws_endpoint_url=described['aws_endpoint_url'],

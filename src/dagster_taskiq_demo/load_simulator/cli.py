@@ -58,7 +58,7 @@ def scenario_options(command: F) -> F:
         with stop_signals() as stop:
             try:
                 result = run_scenario(plan, seed, data_dir, console, stop, wait_timeout)
-            except (FileNotFoundError, ScenarioError) as error:
+            except ScenarioError as error:
                 raise click.ClickException(str(error)) from error
         console.print(summary(result))
         report = verify(find_target(data_dir, 'local').database_url, result.scenario_id)

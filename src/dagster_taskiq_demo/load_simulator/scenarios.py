@@ -40,7 +40,13 @@ from dagster_taskiq_demo.load_simulator.records import (
     record_submission,
 )
 from dagster_taskiq_demo.local_stack import STACK_FILE
-from dagster_taskiq_demo.operations import Target, ecs_status, find_target, queue_depth
+from dagster_taskiq_demo.operations import (
+    Target,
+    ecs_status,
+    find_target,
+    queue_depth,
+    read_stack,
+)
 from dagster_taskiq_demo.runs import ENDED, graphql_client, submit
 
 # The demo jobs a scenario draws from, with the run config that keeps each one short.
@@ -339,13 +345,12 @@ def run_scenario(
 
 
 def _stack(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / STACK_FILE
-    if not path.exists():
-        raise FileNotFoundError(
+    described = read_stack(data_dir)
+    if described is None:
+        raise ScenarioError(
             f'no stack at {data_dir} ({STACK_FILE} missing): start one with '
             f'`dagster-taskiq-demo up --data-dir {data_dir}`, or pass the --data-dir it uses'
         )
-    described: dict[str, Any] = json.loads(path.read_text())
     return described
 
 
