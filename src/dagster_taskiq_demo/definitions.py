@@ -169,9 +169,14 @@ def recorded_op_run(
     """Record in `demo_op_runs` that this attempt's user code began, and, when the block ends
     without an error, that it ended; the block may call what it is given to say it is alive."""
     with psycopg.connect(os.environ['DATABASE_URL'], autocommit=True) as connection:
-        with connection.transaction():  # one at a time: concurrent CREATE IF NOT EXISTS can clash
-            connection.execute("SELECT pg_advisory_xact_lock(hashtext('demo_op_runs'))")
-            connection.execute(OP_RUNS_TABLE)
+        has_table = connection.execute(  # ALTER TABLE locks it exclusively: only when needed
+            "SELECT 1 FROM information_schema.columns WHERE table_name = 'demo_op_runs'"
+            " AND column_name = 'worker' AND table_schema = current_schema()"
+        ).fetchone()
+        if has_table is None:
+            with connection.transaction():  # one at a time: concurrent CREATEs can clash
+                connection.execute("SELECT pg_advisory_xact_lock(hashtext('demo_op_runs'))")
+                connection.execute(OP_RUNS_TABLE)
         key = (context.run_id, context.get_step_execution_context().step.key, context.retry_number)
         connection.execute(
             'INSERT INTO demo_op_runs (run_id, step_key, attempt, pid, child_pid, worker)'
