@@ -5,10 +5,12 @@
 
 Jobs (bench_jobs.py): a 20-op chain, a 50-op fan-out/fan-in (52 steps), and `many`: 200
 independent 10 ms ops spread over 20 runs of 10, `--parallel-runs` runs at a time. Executors:
-in_process (the floor), multiprocess (max_concurrent 2, spawn: Dagster's default),
+in_process (the floor), multiprocess (max_concurrent: as many as the workers' slots; spawn:
+Dagster's default),
 mp_forkserver (the same, forked from a forkserver preloading dagster, dagster_postgres and
 bench_jobs), dagster-celery's celery_executor (RabbitMQ on 127.0.0.1:5672, `--workers` Celery
-workers of one process each) and taskiq_executor (`--workers` workers x `--concurrency` slots).
+workers of `--concurrency` processes each) and taskiq_executor (`--workers` workers x
+`--concurrency` slots).
 One PostgreSQL-backed Dagster instance for all.
 Each job runs `--repeat` times, executors interleaved; the table shows medians: wall time per run
 (per batch for `many`), per-step overhead over in_process, steps per second and each executor's
@@ -16,6 +18,7 @@ time as a ratio to taskiq's.
 """
 
 import argparse
+import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -50,24 +53,31 @@ MANY_RUNS = 20
 # only a process's first mp_forkserver run pays that start, not each run as under a run launcher
 # that starts a process per run.
 FORKSERVER_PRELOAD = ['dagster', 'dagster_postgres', 'bench_jobs', 'harness']
-RUN_CONFIG: dict[str, dict[str, Any]] = {
-    'in_process': {},
-    'multiprocess': {'execution': {'config': {'max_concurrent': 2}}},
-    'mp_forkserver': {
-        'execution': {
-            'config': {
-                'max_concurrent': 2,
-                'start_method': {'forkserver': {'preload_modules': FORKSERVER_PRELOAD}},
+# steps at once for the multiprocess executors (the taskiq and Celery slots: --workers x
+# --concurrency), through the environment so that the pool's run processes see it too
+PARALLEL_STEPS_ENV = 'BENCH_PARALLEL_STEPS'
+
+
+def run_config(executor: str) -> dict[str, Any]:
+    max_concurrent = int(os.environ.get(PARALLEL_STEPS_ENV, '2'))
+    return {
+        'in_process': {},
+        'multiprocess': {'execution': {'config': {'max_concurrent': max_concurrent}}},
+        'mp_forkserver': {
+            'execution': {
+                'config': {
+                    'max_concurrent': max_concurrent,
+                    'start_method': {'forkserver': {'preload_modules': FORKSERVER_PRELOAD}},
+                }
             }
-        }
-    },
-    'celery': {'execution': {'config': {'broker': CELERY_BROKER_URL}}},
-    'taskiq': {},
-}
+        },
+        'celery': {'execution': {'config': {'broker': CELERY_BROKER_URL}}},
+        'taskiq': {},
+    }[executor]
 
 
 def run_job(graph: str, executor: str) -> float:
-    return timed_run(f'{graph}__{executor}', RUN_CONFIG[executor])[0]
+    return timed_run(f'{graph}__{executor}', run_config(executor))[0]
 
 
 def run_many(pool: ProcessPoolExecutor, executor: str) -> float:
@@ -142,7 +152,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--workers', type=int, default=2, help='taskiq and Celery workers')
-    parser.add_argument('--concurrency', type=int, default=1, help='step slots per taskiq worker')
+    parser.add_argument(
+        '--concurrency',
+        type=int,
+        default=1,
+        help='step slots per taskiq worker, processes per Celery worker',
+    )
     parser.add_argument('--parallel-runs', type=int, default=4, help='runs of `many` at once')
     parser.add_argument('--jobs', nargs='+', default=list(bench_jobs.GRAPHS))
     parser.add_argument('--executors', nargs='+', default=list(bench_jobs.EXECUTORS))
@@ -150,20 +165,23 @@ def main() -> None:
     args = parser.parse_args()
 
     workers: list[Any] = []
+    os.environ[PARALLEL_STEPS_ENV] = str(args.workers * args.concurrency)
     with bench_stack() as stack:
         try:
             if 'taskiq' in args.executors:
                 workers += start_taskiq_workers(stack, args.workers, args.concurrency)
             if 'celery' in args.executors:
-                workers += start_celery_workers(stack, args.workers)
+                workers += start_celery_workers(stack, args.workers, args.concurrency)
             rows = summarise(measure(args.jobs, args.executors, args.repeat, args.parallel_runs))
         finally:
             for worker in workers:
                 worker.stop()
     setup = (
         f'{machine()}; taskiq: {args.workers} workers x {args.concurrency} slots; '
-        f'Celery: {args.workers} workers x 1 process; multiprocess and mp_forkserver: '
-        f'max_concurrent 2, spawn and forkserver (preloading {", ".join(FORKSERVER_PRELOAD)}); '
+        f'Celery: {args.workers} workers x {args.concurrency} processes; multiprocess and '
+        'mp_forkserver: '
+        f'max_concurrent {args.workers * args.concurrency}, spawn and forkserver '
+        f'(preloading {", ".join(FORKSERVER_PRELOAD)}); '
         f'`many`: {MANY_RUNS} runs, {args.parallel_runs} at a time; medians of {args.repeat}'
     )
     print(f'\n{setup}')

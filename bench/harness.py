@@ -108,8 +108,9 @@ class CeleryWorker:
         stop_process(self.process, CELERY_STOP_TIMEOUT_S)  # SIGTERM: Celery's warm shutdown
 
 
-def start_celery_workers(stack: BenchStack, count: int) -> list[CeleryWorker]:
-    """`count` Celery workers of one process each on dagster-celery's queue (purged first)."""
+def start_celery_workers(stack: BenchStack, count: int, concurrency: int = 1) -> list[CeleryWorker]:
+    """`count` Celery workers of `concurrency` processes each on dagster-celery's queue (purged
+    first)."""
     celery = [str(BIN / 'celery'), '-A', 'dagster_celery.app']
     subprocess.run(
         [*celery, 'purge', '-f', '-Q', 'dagster'], check=True, capture_output=True, timeout=60
@@ -125,7 +126,7 @@ def start_celery_workers(stack: BenchStack, count: int) -> list[CeleryWorker]:
                     '--queues',
                     'dagster',
                     '--concurrency',
-                    '1',
+                    str(concurrency),
                     '--hostname',
                     f'bench-celery-{index}@%h',
                     '--include',

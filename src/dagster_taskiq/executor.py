@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dagster import Field, IntSource, Noneable, StringSource, executor
+from dagster import DagsterInstance, Field, IntSource, Noneable, StringSource, executor
 from dagster import _check as check
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
 from dagster._core.errors import DagsterExecutionInterruptedError
@@ -35,6 +35,7 @@ from sqlalchemy.engine import RowMapping
 
 from dagster_taskiq import message
 from dagster_taskiq.errors import RunStopping, StoreUnavailable, TransportError
+from dagster_taskiq.run_events import RunEvents
 from dagster_taskiq.settings import Settings
 from dagster_taskiq.step_process import TERMINAL_EVENTS, keep_storage_connections
 from dagster_taskiq.store import StepState, Store
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
 
 T = TypeVar('T')
 
-DEFAULT_SLEEP_SECONDS = 0.05  # Dagster's 1.0 s would cost a 20-op chain ~20 s of polling
+# The longest the executor loop waits between looks at the event log; it looks at once when the
+# run's next event is stored (RunEvents), so this is only the fallback when notifications fail
+DEFAULT_SLEEP_SECONDS = 1.0
+IDLE_SLEEP_S = 0.05  # the executor loop's pause while none of the run's steps is in flight
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 # An attempt whose message was lost, or that no worker ever takes, fails after this long with its
 # reason instead of keeping its run STARTED for ever; long enough for workers to scale from zero
@@ -77,7 +81,8 @@ TASKIQ_CONFIG = {
     'sleep_seconds': Field(
         float,
         default_value=DEFAULT_SLEEP_SECONDS,
-        description='Interval of the executor loop that polls the event log for step outcomes.',
+        description='Longest wait of the executor loop between looks at the event log; it looks at '
+        "once when one of the run's steps ends (a PostgreSQL NOTIFY from the worker).",
     ),
     'check_step_health_interval_seconds': Field(
         int,
@@ -128,6 +133,7 @@ class SqsStepHandler(StepHandler):
         self.step_queued_timeout_s = step_queued_timeout_s
         self.step_resend_s = step_resend_s
         self._last_sent: dict[str, float] = {}  # attempt key -> time.monotonic() of its last send
+        self.in_flight: set[str] = set()  # keys of the run's steps launched and not yet ended
         self._loop: _LoopThread | None = None
         self._resources = AsyncExitStack()
         self._queue: SqsQueue | None = None  # opened by `prepare`, when the run starts
@@ -232,6 +238,7 @@ class SqsStepHandler(StepHandler):
             # launched, and TaskiqExecutor.execute cancels what is in flight.
             raise DagsterExecutionInterruptedError(str(stopping)) from stopping
         # Events yielded here are discarded by Dagster, so this one is written, not yielded.
+        self.in_flight.add(task.step_key)
         step_context = step_handler_context.get_step_context(task.step_key)
         if message_id is None:
             DagsterEvent.engine_event(
@@ -351,22 +358,56 @@ class SqsStepHandler(StepHandler):
 
 
 class TaskiqExecutor(StepDelegatingExecutor):
-    """Opens the step handler's queue as the run starts and closes its connections at the end."""
+    """Opens the step handler's queue as the run starts and closes its connections at the end;
+    its loop waits for the run's next event instead of sleeping a fixed interval."""
 
     def __init__(self, step_handler: SqsStepHandler, **kwargs: Any) -> None:
+        self.run_events: RunEvents | None = None
         super().__init__(step_handler, **kwargs)
         self.sqs_step_handler = step_handler
+
+    # StepDelegatingExecutor's loop ends each turn with `time.sleep(self._sleep_seconds)`: reading
+    # it waits until one of the run's steps ends (at most sleep_seconds) and leaves nothing to
+    # sleep. With no step in flight (the run is complete, or waits for a retry's delay or a
+    # concurrency slot) there is no end to wait for: a short pause, as before.
+    @property
+    def _sleep_seconds(self) -> float:
+        if not self.sqs_step_handler.in_flight:
+            return min(self.max_wait_s, IDLE_SLEEP_S)
+        if self.run_events is None:
+            return self.max_wait_s
+        self.run_events.wait(self.max_wait_s)
+        return 0.0
+
+    @_sleep_seconds.setter
+    def _sleep_seconds(self, seconds: float) -> None:
+        self.max_wait_s = seconds
+
+    def _pop_events(
+        self, instance: DagsterInstance, run_id: str, seen_storage_ids: set[int]
+    ) -> Sequence[DagsterEvent]:
+        events = super()._pop_events(instance, run_id, seen_storage_ids)
+        for event in events:  # the events on which the loop stops tracking a running step
+            if event.is_step_success or event.is_step_failure or event.is_step_up_for_retry:
+                self.sqs_step_handler.in_flight.discard(check.not_none(event.step_key))
+        return events
 
     def execute(
         self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan
     ) -> Iterator[DagsterEvent]:
         self.sqs_step_handler.prepare()
+        postgres_url = getattr(plan_context.instance.event_log_storage, 'postgres_url', None)
+        if postgres_url is not None:
+            self.run_events = RunEvents(postgres_url, plan_context.run_id)
         try:
             yield from super().execute(plan_context, execution_plan)
         except DagsterExecutionInterruptedError:
             self.sqs_step_handler.cancel_run(plan_context.run_id)
             raise
         finally:
+            if self.run_events is not None:
+                self.run_events.close()
+                self.run_events = None
             self.sqs_step_handler.close()
 
 

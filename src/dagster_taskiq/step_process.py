@@ -33,9 +33,11 @@ from dagster import (
 )
 from dagster._cli.api import _execute_step_command_body
 from dagster._core.events import DagsterEventBatchMetadata
+from dagster._core.execution import compute_logs
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._record import copy
 from dagster._serdes import deserialize_value, serialize_value
+from dagster._utils.hosted_user_process import recon_job_from_origin
 from dagster._utils.interrupts import capture_interrupts
 
 from dagster_taskiq.logs import get_logger
@@ -45,6 +47,8 @@ from dagster_taskiq.store import DagsterEventRow
 log = get_logger(__name__)
 
 MAX_ERROR_CHARS = 8000
+NO_RUN_ID = '00000000-0000-0000-0000-000000000000'  # warms the queries when no run is known
+TAIL_POLL_S = 0.1  # how often the compute-log mirror looks for new output (`tail -F`: 1 s)
 EXTRA_STORAGE_CONNECTIONS = 4  # beyond the one kept per storage, for threads that write at once
 TERMINAL_EVENTS = {  # an attempt ends in Dagster's event log with exactly one of these
     DagsterEventType.STEP_SUCCESS,
@@ -83,7 +87,10 @@ def keep_storage_connections(instance: DagsterInstance) -> None:
     survive a database restart or a reset connection, or the run worker dies with the run
     unfinished: each checkout pings it first, and a dead one is replaced (dagster-postgres has no
     option for it, so the pools get SQLAlchemy's pre-ping flag; a ping is one `SELECT 1`).
+    Done once per instance: again, it would replace the engines and their open connections.
     """
+    if _storage_engines_kept(instance):
+        return
     instance.optimize_for_webserver(
         statement_timeout=0, pool_recycle=-1, max_overflow=EXTRA_STORAGE_CONNECTIONS
     )
@@ -91,6 +98,56 @@ def keep_storage_connections(instance: DagsterInstance) -> None:
         engine = getattr(storage, '_engine', None)
         if engine is not None:
             engine.pool._pre_ping = True
+
+
+def _storage_engines_kept(instance: DagsterInstance) -> bool:
+    engine = getattr(instance.event_log_storage, '_engine', None)
+    return engine is not None and bool(engine.pool._pre_ping)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@contextlib.contextmanager
+def tail_in_thread(path: str, stream: Any) -> Iterator[tuple[None, None]]:
+    """Mirror what is appended to `path` onto `stream`, from a thread, until the block ends.
+
+    What Dagster's compute-log capture does with a `tail -F` process and a Python process that
+    watches it for each of stdout and stderr: four processes a step (~50 ms of the two cores, and
+    ~35 ms waiting for them to stop after the step). The capture itself (the step's output into
+    the compute-log file) is Dagster's, unchanged; the copy to the worker's own output is made
+    from a duplicate of the stream's descriptor taken before Dagster redirects it to the file,
+    and ends after a last read of everything the step wrote.
+    """
+    try:
+        mirror_fd = os.dup(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file: nothing to mirror onto
+        yield (None, None)
+        return
+    ended = threading.Event()
+
+    def copy() -> None:
+        with contextlib.suppress(OSError), open(path, 'rb') as source:
+            while True:
+                chunk = source.read(65536)
+                if chunk:
+                    _write_all(mirror_fd, chunk)
+                elif ended.is_set():
+                    return
+                else:
+                    ended.wait(TAIL_POLL_S)
+
+    copier = threading.Thread(target=copy, name='compute-log-mirror', daemon=True)
+    copier.start()
+    try:
+        yield (None, None)
+    finally:
+        ended.set()
+        copier.join()
+        os.close(mirror_fd)
 
 
 def find_run(instance: DagsterInstance, run_id: str) -> DagsterRun | None:
@@ -216,9 +273,50 @@ def report_failed_imports(modules: Sequence[str], result: Connection) -> None:
     result.close()
 
 
-def run_step(execute_step_args: str, result: Connection, lifeline: Connection) -> None:
-    """Entry point of the step process: execute the step, send the outcome to the worker."""
+def _connect_ahead(run_id: str | None) -> None:
+    """Open this process's storage connections before its step is known (see `run_step`), with
+    the queries its step makes first (the run's record, its events), so PostgreSQL has the
+    connections' caches warm too. Whatever fails here, the step does again, and reports."""
+    if _warm_instance is None:
+        return
+    try:
+        keep_storage_connections(_warm_instance)
+        run = find_run(_warm_instance, run_id or NO_RUN_ID)
+        _warm_instance.get_records_for_run(run_id or NO_RUN_ID, limit=1)
+        if run is not None and run.job_code_origin is not None and not run.has_repository_load_data:
+            # the job definition and its run config schema, as the step will get them: Dagster
+            # caches both (per job, per process), so the step finds them built (~7 ms a step)
+            recon_job = recon_job_from_origin(run.job_code_origin).get_subset(
+                op_selection=run.resolved_op_selection,
+                asset_selection=run.asset_selection,
+                asset_check_selection=run.asset_check_selection,
+            )
+            recon_job.get_definition().run_config_schema  # noqa: B018 - built lazily: build it now
+    except Exception as error:  # noqa: BLE001 - the step's own calls meet it again, and say so
+        log.debug('step_connect_ahead_failed', error=repr(error))
+
+
+def run_step(
+    step_args: Connection, result: Connection, lifeline: Connection, run_id: str | None
+) -> None:
+    """Entry point of the step process: get ready, then execute the step the worker sends on
+    `step_args` and send it the outcome.
+
+    The worker starts the process ahead of its step (a spare, ready when the next attempt is
+    claimed): forked and connected to the storages (with the queries of a step of `run_id`, the
+    run its last step belonged to, warm) before the attempt's lease starts. A spare the worker
+    retires, or whose worker is gone (`step_args` closed), exits without a word. The guard starts
+    with the step: a spare runs no user code, and started earlier, the guard of a spare that had
+    waited longer than the deadline the worker then sent killed the step at once (seen in tests
+    with a 3 s lease, the cause not found).
+    """
     os.setpgid(0, 0)  # a group of its own, which the worker and the guard kill as one
+    compute_logs.tail_to_stream = tail_in_thread  # in this process only: see tail_in_thread
+    _connect_ahead(run_id)
+    try:
+        execute_step_args: str = step_args.recv()
+    except (EOFError, OSError):
+        return  # retired, or the worker is gone, before it had a step
     threading.Thread(target=_guard, args=(lifeline,), daemon=True).start()
     outcome = StepOutcome()
     try:

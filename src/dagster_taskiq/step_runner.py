@@ -14,6 +14,7 @@ import multiprocessing.forkserver
 import os
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
@@ -22,6 +23,8 @@ from typing import Any, Protocol
 from dagster_taskiq.errors import ConfigError
 from dagster_taskiq.message import OpExecutionTask
 from dagster_taskiq.step_process import StepOutcome, report_failed_imports, run_step
+
+SPARE_IDLE_S = 30.0  # a spare step process no step came for exits after this long
 
 # Modules Dagster imports lazily while it executes a step (~25 ms a step when not preloaded);
 # the forkserver skips a name it cannot import, so a Dagster release that moves one costs only time
@@ -69,6 +72,10 @@ class StepRunner(Protocol):
         ...
 
     async def run(self, task: OpExecutionTask) -> StepRun: ...
+
+    def close(self) -> None:
+        """Stop what `run` keeps ready for the next step (after the last step has started)."""
+        ...
 
 
 async def _readable(*handles: int) -> None:
@@ -155,6 +162,15 @@ class ProcessStepRun:
             self.process.kill()
 
 
+@dataclass
+class SpareStep:
+    """A step process started ahead of its step, waiting for it on `step_args`."""
+
+    run: ProcessStepRun
+    step_args: Connection
+    retire_timer: asyncio.TimerHandle
+
+
 class ForkserverStepRunner:
     """Step processes forked from a forkserver that imported dagster and `preload` once.
 
@@ -177,6 +193,8 @@ class ForkserverStepRunner:
             'dagster_taskiq.warm_step_process',
         ]
         self.context: ForkServerContext = multiprocessing.get_context('forkserver')
+        self.spare: SpareStep | None = None
+        self.refilling: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the forkserver now (it imports dagster once), not on the first step; a preload
@@ -204,15 +222,52 @@ class ForkserverStepRunner:
             await self.start()
 
     async def run(self, task: OpExecutionTask) -> ProcessStepRun:
+        """Hand the step to the spare process (or, with none ready, to a new one), then start
+        the next spare, ready for the run's next step, off the claim-to-start path."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.retire_timer.cancel()
+        if spare is None or not spare.run.process.is_alive():
+            spare = await self._start_spare(task.run_id)
+        # if it died since, the outcome says how, and the attempt fails as it would have
+        with contextlib.suppress(OSError):
+            spare.step_args.send(task.execute_step_args)
+        spare.step_args.close()
+        self.refilling = asyncio.create_task(self._refill(task.run_id, self.refilling))
+        return spare.run
+
+    async def _start_spare(self, run_id: str | None) -> SpareStep:
+        step_args, args_sender = self.context.Pipe(duplex=False)
         reader, writer = self.context.Pipe(duplex=False)
         lifeline, keep_alive = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=run_step,
-            args=(task.execute_step_args, writer, lifeline),
-            name=f'step {task.step_key}',
+            target=run_step, args=(step_args, writer, lifeline, run_id), name='step'
         )
         # off the event loop: a forkserver that died is started again here, preload and all
         await asyncio.to_thread(process.start)
-        writer.close()  # the step process holds the other ends now
-        lifeline.close()
-        return ProcessStepRun(process, reader, keep_alive)
+        for end in (step_args, writer, lifeline):  # the step process holds these ends now
+            end.close()
+        retire_timer = asyncio.get_running_loop().call_later(
+            SPARE_IDLE_S, self._retire_spare, args_sender
+        )
+        return SpareStep(ProcessStepRun(process, reader, keep_alive), args_sender, retire_timer)
+
+    async def _refill(self, run_id: str, previous: 'asyncio.Task[None] | None') -> None:
+        if previous is not None:  # one start at a time: steps starting together need one spare
+            await asyncio.gather(previous, return_exceptions=True)
+        if self.spare is None:
+            self.spare = await self._start_spare(run_id)
+
+    def close(self) -> None:
+        if self.refilling is not None:
+            self.refilling.cancel()
+        if self.spare is not None:
+            self.spare.retire_timer.cancel()
+            self._retire_spare(self.spare.step_args)
+
+    def _retire_spare(self, step_args: Connection) -> None:
+        """Close the spare's step pipe: it exits (its connections with it). An idle worker
+        holds no database connection for longer than SPARE_IDLE_S."""
+        if self.spare is not None and self.spare.step_args is step_args:
+            self.spare = None
+        step_args.close()

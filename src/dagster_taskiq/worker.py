@@ -159,6 +159,7 @@ class Worker:
                 await self._receive_loop()
             finally:
                 await self.shutdown()
+                self.runner.close()
                 for task in side_tasks:
                     task.cancel()
                 await asyncio.gather(*side_tasks, return_exceptions=True)

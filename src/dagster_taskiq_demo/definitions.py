@@ -45,6 +45,7 @@ def demo_io_manager() -> FilesystemIOManager | S3PickleIOManager:
 
 @op
 def ping() -> int:
+    print(f'ping from worker {os.environ.get("DAGSTER_TASKIQ_WORKER_ID", "(none)")}')
     return 1
 
 

@@ -36,6 +36,7 @@ def test_demo_jobs_end_as_expected(stack: Stack, instance: DagsterInstance) -> N
         ('ping', 0, 'COMPLETED'),
     ]
     assert len(stack.log_rows(run_id)) == 3
+    assert_stdout_captured_and_mirrored(stack, instance, run_id)
 
     ok, run_id = run(instance, 'fan_out_job')
     assert ok
@@ -122,6 +123,29 @@ def test_outputs_travel_between_workers_through_s3(
 
 def metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + ' '))
+
+
+def assert_stdout_captured_and_mirrored(
+    stack: Stack, instance: DagsterInstance, run_id: str
+) -> None:
+    """ping's print is in its compute log (what the UI's "View stdout" shows) and, once, in the
+    output of the worker that ran it."""
+    [captured] = [
+        record.event_log_entry.dagster_event.logs_captured_data
+        for record in instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.LOGS_CAPTURED
+        ).records
+        if record.event_log_entry.dagster_event is not None
+        and record.event_log_entry.dagster_event.logs_captured_data.step_keys == ['ping']
+    ]
+    manager = instance.compute_log_manager
+    log_data = manager.get_log_data(manager.build_log_key_for_run(run_id, captured.file_key))
+    [owner] = [r['owner'] for r in stack.executions(run_id) if r['step_key'] == 'ping']
+    line = f'ping from worker {owner}'
+    assert log_data.stdout is not None
+    assert log_data.stdout.decode() == f'{line}\n'
+    [worker] = [w for w in stack.workers if w.worker_id == owner]
+    assert worker.log().count(line) == 1
 
 
 def assert_health_and_metrics(port: int) -> None:

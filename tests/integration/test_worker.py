@@ -90,6 +90,9 @@ class CallableStepRunner:
         self.runs.append(started)
         return started
 
+    def close(self) -> None:
+        pass
+
 
 def step_success(task: message.OpExecutionTask) -> DagsterEventRow:
     """The STEP_SUCCESS entry a step process would withhold for the worker's finish."""

@@ -13,9 +13,9 @@ def processed(config: dict[str, object]) -> dict[str, object]:
     return result.value
 
 
-def test_defaults_poll_fast_and_check_health_often() -> None:
+def test_defaults_wait_for_events_and_check_health_often() -> None:
     config = processed({})
-    assert config['sleep_seconds'] == DEFAULT_SLEEP_SECONDS < 1.0
+    assert config['sleep_seconds'] == DEFAULT_SLEEP_SECONDS == 1.0  # a fallback: events wake it
     assert config['check_step_health_interval_seconds'] == 5
     assert config['step_queued_timeout_seconds'] == 3600.0  # an hour, then fail with a reason
 

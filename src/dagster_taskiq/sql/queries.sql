@@ -80,6 +80,7 @@ RETURNING lease_expires_at
 -- together or not at all, so Dagster records STEP_SUCCESS exactly when the store says COMPLETED.
 -- The event row is built as dagster-postgres's store_event builds it (its NOTIFY included); it
 -- takes its id, and so its place in the run's event stream, just before the statement commits.
+-- `dagster_taskiq_step_ends` (run_events.STEP_ENDS_CHANNEL) wakes the run's executor loop.
 WITH finished AS (
   UPDATE step_executions
   SET state = :outcome, ended_at = now(), error = :error
@@ -104,7 +105,8 @@ WITH finished AS (
   WHERE CAST(:event AS text) IS NOT NULL
   RETURNING run_id, id
 )
-SELECT finished.state, (SELECT pg_notify('run_events', run_id || '_' || id) FROM event)
+SELECT finished.state, (SELECT pg_notify('run_events', run_id || '_' || id) FROM event),
+       (SELECT pg_notify('dagster_taskiq_step_ends', run_id) FROM event)
 FROM finished
 
 -- name: cancelled_event
@@ -119,7 +121,9 @@ WITH event AS (
     AND CAST(:event_type AS text) <> 'STEP_SUCCESS'
   RETURNING run_id, id
 )
-SELECT pg_notify('run_events', run_id || '_' || id) FROM event
+SELECT pg_notify('run_events', run_id || '_' || id),
+       pg_notify('dagster_taskiq_step_ends', run_id)
+FROM event
 
 -- name: abandon
 -- Only a RUNNING attempt whose lease expired more than the grace ago (its owner has had time to

@@ -1,0 +1,72 @@
+"""Wake a run worker when one of its steps ends instead of polling the event log on a timer.
+
+A worker's fenced finish, which writes the attempt's terminal event, NOTIFYs
+`dagster_taskiq_step_ends` with the run id (besides dagster-postgres's own `run_events`, which
+every event of every run notifies: waking on those would cost a look at the event log for each
+of a step's ~11 events). The run worker LISTENs on one connection of its own; a missed
+notification only costs the fallback poll interval, so any database error here is logged, waited
+out, and the connection made again at the next wait.
+"""
+
+import time
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from dagster_taskiq.logs import get_logger
+
+log = get_logger(__name__)
+
+STEP_ENDS_CHANNEL = 'dagster_taskiq_step_ends'  # NOTIFYd by the queries finish and cancelled_event
+CONNECT_TIMEOUT_S = 2
+RECONNECT_AFTER_S = 5.0
+
+
+class RunEvents:
+    """Waits, at most a given time, for the next end of a step of one run."""
+
+    def __init__(self, postgres_url: str, run_id: str) -> None:
+        # dagster-postgres's URL names SQLAlchemy's driver (postgresql+psycopg2://), libpq's not
+        url = make_url(postgres_url).set(drivername='postgresql')
+        self.postgres_url = url.render_as_string(hide_password=False)
+        self.run_id = run_id
+        self.connection: psycopg.Connection[tuple[object, ...]] | None = None
+        self.connect_after = 0.0  # time.monotonic() before which no new connection is tried
+
+    def _listening(self) -> psycopg.Connection[tuple[object, ...]] | None:
+        if self.connection is None and time.monotonic() >= self.connect_after:
+            self.connect_after = time.monotonic() + RECONNECT_AFTER_S
+            self.connection = psycopg.connect(
+                self.postgres_url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                # cut off without a word (packets dropped), it errors within ~10 s, not never
+                keepalives=1,
+                keepalives_idle=5,
+                keepalives_interval=2,
+                keepalives_count=2,
+            )
+            self.connection.execute(f'LISTEN {STEP_ENDS_CHANNEL}')
+        return self.connection
+
+    def wait(self, timeout_s: float) -> bool:
+        """Whether a step of the run ended (since the last wait) within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            connection = self._listening()
+            if connection is not None:
+                left_s = deadline - time.monotonic()
+                # a notification comes after its event's commit: the next read of the event log
+                # sees that event, and any other of the run stored before it
+                notifies = connection.notifies(timeout=max(0.0, left_s))
+                return any(notify.payload == self.run_id for notify in notifies)
+        except psycopg.Error as error:
+            log.warning('run_events_unavailable', error=str(error), retry_in_s=RECONNECT_AFTER_S)
+            self.close()
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        return False
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
