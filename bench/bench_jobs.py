@@ -29,7 +29,6 @@ CHAIN_LENGTH = 20
 FAN_OUT_WIDTH = 50
 MANY_WIDTH = 10  # independent 10 ms ops in one run of `many`
 NOOP_WIDTH = 60  # independent no-op ops in one run of `noop_wide` (the dispatch backlog)
-NOOP_DEPTHS = (100, 1000)  # widths of `noop_<N>`: the queue depths of bench/scale.py
 SLEEP_S = 0.01
 MEMORY_STEPS = 4  # parallel ops of `sleepy`, each sleeping MEMORY_STEP_S (bench/memory.py)
 MEMORY_STEP_S = 5.0
@@ -103,7 +102,7 @@ def side_by_side(name: str, op_def: OpDefinition, width: int) -> GraphDefinition
 
 many = side_by_side('many', nap, MANY_WIDTH)
 noop_wide = side_by_side('noop_wide', noop, NOOP_WIDTH)
-noop_deep = [side_by_side(f'noop_{width}', noop, width) for width in NOOP_DEPTHS]
+noop_100 = side_by_side('noop_100', noop, 100)
 sleepy = side_by_side('sleepy', doze, MEMORY_STEPS)
 
 
@@ -125,11 +124,8 @@ defs = Definitions(
         # bench/dispatch.py: one no-op step per run (idle latency), many at once (backlog)
         noop_one.to_job(name='noop_one__taskiq', executor_def=taskiq_executor),
         noop_wide.to_job(name='noop_wide__taskiq', executor_def=taskiq_executor),
-        # bench/scale.py: one run whose executor enqueues every step at once
-        *(
-            graph_def.to_job(name=f'{graph_def.name}__taskiq', executor_def=taskiq_executor)
-            for graph_def in noop_deep
-        ),
+        # bench/scale.py: runs whose executor enqueues 100 steps at once
+        noop_100.to_job(name='noop_100__taskiq', executor_def=taskiq_executor),
         # bench/memory.py: a worker running MEMORY_STEPS steps at once
         sleepy.to_job(name='sleepy__taskiq', executor_def=taskiq_executor),
     ],

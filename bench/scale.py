@@ -3,15 +3,17 @@
     .venv/bin/python bench/scale.py [--depths 100 1000] [--runs 1 10 50] [--workers 2]
         [--concurrency 2] [--json PATH]
 
-- Depth: one run of N independent no-op steps (`noop_<N>`): its executor enqueues all N at once,
-  so the queue holds up to N; `--workers` x `--concurrency` drain it.
-- Runs at once: R runs of `many` (10 independent 10 ms steps each) submitted together, each from a
-  run process of its own (a pool of R, started and warmed first, as a run launcher would have them).
-Per scenario: wall time per step (the whole scenario's wall over its steps), each step's service
-time (claim -> finish: what a worker spends on it; a per-step cost that grew with the depth or the
-runs would show here) and its wait (enqueue -> claim: the queue). Times of the store's clock.
-Under moto, a send costs O(queue depth) (~24 sends/s at depth 1,000): the enqueue column shows
-how long the executor took to send them all, which is the emulator's cost, not SQS's.
+- Depth: N steps queued at once: N/100 runs of `noop_100` (100 independent no-op steps, whose
+  executor enqueues all of them at once) submitted together, so the job (and its plan) stays the
+  same size and only the queue grows.
+- Runs at once: R runs of `many` (10 independent 10 ms steps each) submitted together.
+Each run has a run process of its own, from a pool of as many (started and warmed first, as a run
+launcher would have them). `--workers` x `--concurrency` drain the queue. Per scenario: wall time
+per step (the scenario's wall over its steps), each step's service time (claim -> finish: what a
+worker spends on it; a per-step cost that grew with the depth or the runs would show here) and its
+wait (enqueue -> claim: the queue), from the store's clock; or the error that ended it.
+Under moto, a send costs O(queue depth) (~24 sends/s at depth 1,000): the enqueue column (first to
+last enqueue) shows that emulator cost, which SQS does not have.
 """
 
 import argparse
@@ -22,11 +24,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import bench_jobs
 from dispatch import step_times
 from harness import bench_stack, machine, start_taskiq_workers, timed_run, write_json
 
-MANY_STEPS = bench_jobs.STEPS['many']
+DEPTH_JOB_WIDTH = 100  # the depth scenarios' job: noop_100
 
 
 def warm(_: int) -> None:
@@ -50,23 +51,21 @@ def summarise(
     }
 
 
-def depth_row(database_url: str, depth: int) -> dict[str, Any]:
-    wall_s, run_id = timed_run(f'noop_{depth}__taskiq', {})
-    return summarise(f'depth {depth}', database_url, [run_id], wall_s)
-
-
-def runs_row(database_url: str, runs: int) -> dict[str, Any]:
-    with ProcessPoolExecutor(runs, mp_context=get_context('forkserver')) as pool:
-        list(pool.map(warm, range(runs)))
-        started = time.perf_counter()
-        results = list(pool.map(timed_run, ['many__taskiq'] * runs, [{}] * runs))
-        wall_s = time.perf_counter() - started
-    return summarise(f'{runs} runs at once', database_url, [r[1] for r in results], wall_s)
+def scenario_row(name: str, database_url: str, job: str, runs: int) -> dict[str, Any]:
+    try:
+        with ProcessPoolExecutor(runs, mp_context=get_context('forkserver')) as pool:
+            list(pool.map(warm, range(runs)))
+            started = time.perf_counter()
+            results = list(pool.map(timed_run, [job] * runs, [{}] * runs))
+            wall_s = time.perf_counter() - started
+    except Exception as error:  # noqa: BLE001 - reported in the table: it is the finding
+        return {'scenario': name, 'error': f'{type(error).__name__}: {error}'[:200]}
+    return summarise(name, database_url, [result[1] for result in results], wall_s)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--depths', type=int, nargs='+', default=list(bench_jobs.NOOP_DEPTHS))
+    parser.add_argument('--depths', type=int, nargs='+', default=[100, 1000])
     parser.add_argument('--runs', type=int, nargs='+', default=[1, 10, 50])
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--concurrency', type=int, default=2)
@@ -78,12 +77,13 @@ def main() -> None:
         workers = start_taskiq_workers(stack, args.workers, args.concurrency)
         try:
             timed_run('noop_one__taskiq', {})  # warm the run path once
-            for depth in args.depths:
-                rows.append(depth_row(stack.database_url, depth))
-                print(rows[-1])
-            for runs in args.runs:
-                rows.append(runs_row(stack.database_url, runs))
-                print(rows[-1])
+            scenarios = [
+                (f'depth {depth}', f'noop_{DEPTH_JOB_WIDTH}__taskiq', depth // DEPTH_JOB_WIDTH)
+                for depth in args.depths
+            ] + [(f'{runs} runs at once', 'many__taskiq', runs) for runs in args.runs]
+            for name, job, runs in scenarios:
+                rows.append(scenario_row(name, stack.database_url, job, runs))
+                print(rows[-1], flush=True)
         finally:
             for worker in workers:
                 worker.stop()
@@ -94,6 +94,9 @@ def main() -> None:
         f'{"wait p50 ms":>12} {"service p50 ms":>15}'
     )
     for row in rows:
+        if 'error' in row:
+            print(f'{row["scenario"]:18} failed: {row["error"]}')
+            continue
         print(
             f'{row["scenario"]:18} {row["steps"]:>6} {row["wall_s"]:>7.2f} '
             f'{row["ms_per_step"]:>8.1f} {row["enqueue_span_s"]:>10.2f} '

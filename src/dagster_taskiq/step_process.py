@@ -10,6 +10,7 @@ the finish too (the transactional outbox).
 """
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -161,8 +162,9 @@ def warm_up() -> None:
 
     The code location's `Definitions` build their repository (~25 ms a step otherwise), and the
     Dagster instance of DAGSTER_HOME is built: its storages import their drivers and check their
-    tables here, not per step (~250 ms). A fork inherits no open connection: dagster-postgres
-    connects per call (NullPool), and the check's connections are closed.
+    tables here, not per step (~250 ms), and given the pooled engines of
+    `keep_storage_connections` (~8 ms a step). A fork inherits no open connection: the checks'
+    connections are closed (NullPool), and the pooled engines have not connected yet.
     """
     global _warm_instance
     try:
@@ -173,8 +175,13 @@ def warm_up() -> None:
         if os.environ.get('DAGSTER_HOME'):
             _warm_instance = DagsterInstance.get()
             _warm_instance.compute_log_manager  # noqa: B018 - built lazily: build it now
+            # pooled engines with no connection yet: each step process opens its own
+            keep_storage_connections(_warm_instance)
     except Exception as error:  # noqa: BLE001 - the steps then do it themselves
         log.warning('step_warm_up_failed', error=repr(error))
+    # Out of the garbage collector's sight from here on: a collection in a step process would
+    # otherwise write to every object it inherited (copying the forkserver's pages, ~MBs a step)
+    gc.freeze()
 
 
 @contextlib.contextmanager

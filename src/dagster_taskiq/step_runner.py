@@ -5,6 +5,11 @@ forkserver that has already imported dagster and the code location (~15 ms a ste
 for a fresh `dagster api execute_step`): a cancel is a signal, a crash in user code kills only its
 process, and the worker's event loop keeps heartbeating. Never fork the worker itself: it runs an
 event loop and threads. What runs inside the step process is `step_process.run_step`.
+
+The process of the next step is started ahead, as a spare: when a step starts, the runner forks
+the next one, which connects to the storages and waits for its step's arguments, so a claimed
+attempt starts without a fork or a connect. Each spare runs one step at most; one no step came
+for within SPARE_IDLE_S is retired.
 """
 
 import asyncio
@@ -168,7 +173,7 @@ class SpareStep:
 
     run: ProcessStepRun
     step_args: Connection
-    retire_timer: asyncio.TimerHandle
+    retire_timer: asyncio.TimerHandle | None = None
 
 
 class ForkserverStepRunner:
@@ -225,10 +230,13 @@ class ForkserverStepRunner:
         """Hand the step to the spare process (or, with none ready, to a new one), then start
         the next spare, ready for the run's next step, off the claim-to-start path."""
         spare, self.spare = self.spare, None
-        if spare is not None:
-            spare.retire_timer.cancel()
-        if spare is None or not spare.run.process.is_alive():
+        if spare is not None and not spare.run.process.is_alive():
+            self._retire_spare(spare)
+            spare = None
+        if spare is None:
             spare = await self._start_spare(task.run_id)
+        if spare.retire_timer is not None:
+            spare.retire_timer.cancel()
         # if it died since, the outcome says how, and the attempt fails as it would have
         with contextlib.suppress(OSError):
             spare.step_args.send(task.execute_step_args)
@@ -247,10 +255,11 @@ class ForkserverStepRunner:
         await asyncio.to_thread(process.start)
         for end in (step_args, writer, lifeline):  # the step process holds these ends now
             end.close()
-        retire_timer = asyncio.get_running_loop().call_later(
-            SPARE_IDLE_S, self._retire_spare, args_sender
+        spare = SpareStep(ProcessStepRun(process, reader, keep_alive), args_sender)
+        spare.retire_timer = asyncio.get_running_loop().call_later(
+            SPARE_IDLE_S, self._retire_spare, spare
         )
-        return SpareStep(ProcessStepRun(process, reader, keep_alive), args_sender, retire_timer)
+        return spare
 
     async def _refill(self, run_id: str, previous: 'asyncio.Task[None] | None') -> None:
         if previous is not None:  # one start at a time: steps starting together need one spare
@@ -262,12 +271,14 @@ class ForkserverStepRunner:
         if self.refilling is not None:
             self.refilling.cancel()
         if self.spare is not None:
-            self.spare.retire_timer.cancel()
-            self._retire_spare(self.spare.step_args)
+            self._retire_spare(self.spare)
 
-    def _retire_spare(self, step_args: Connection) -> None:
-        """Close the spare's step pipe: it exits (its connections with it). An idle worker
-        holds no database connection for longer than SPARE_IDLE_S."""
-        if self.spare is not None and self.spare.step_args is step_args:
+    def _retire_spare(self, spare: SpareStep) -> None:
+        """Close the spare's pipes: it exits (its connections with it). An idle worker holds no
+        database connection for longer than SPARE_IDLE_S."""
+        if self.spare is spare:
             self.spare = None
-        step_args.close()
+        if spare.retire_timer is not None:
+            spare.retire_timer.cancel()
+        for end in (spare.step_args, spare.run.reader, spare.run.keep_alive):
+            end.close()

@@ -1,6 +1,7 @@
 """Real Dagster runs through real worker subprocesses: every demo job ends as it should."""
 
 import json
+import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance
 
 from dagster_taskiq_demo.emulator import free_port
-from tests.e2e.conftest import Stack, attempts, run
+from tests.e2e.conftest import LEASE_S, Stack, attempts, run
 from tests.logs import events
+from tests.waiting import wait_until
 
 
 def step_starts(instance: DagsterInstance, run_id: str) -> Counter[str]:
@@ -199,3 +201,34 @@ def test_a_worker_with_its_own_home_on_the_same_storage_runs_the_steps(
     assert {state for _, _, state in attempts(stack, run_id)} == {'COMPLETED'}
     assert {r['owner'] for r in stack.executions(run_id)} == {worker.worker_id}
     assert events(worker.log(), 'step_warm_up_failed') == []
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:  # the fields after the parenthesised command: state, then the parent's pid
+                if int((entry / 'stat').read_text().rsplit(')', 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+            except (OSError, IndexError):
+                continue  # it ended meanwhile
+    return found
+
+
+@pytest.mark.slow
+def test_a_step_runs_in_a_process_started_ahead_that_waited_longer_than_a_lease(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """After a step starts, the worker starts the next step's process (a spare); one that waits
+    longer than the lease before its step arrives still runs it to the end."""
+    [worker] = stack.start_workers(1, 1)
+    ok, _ = run(instance, 'fast_job')
+    assert ok
+    forkservers = children(worker.process.pid)
+    spares = wait_until(lambda: {p for f in forkservers for p in children(f)}, what='a spare')
+    time.sleep(LEASE_S * 1.5)  # the scenario, not a synchronisation: the spare waits this long
+    ok, run_id = run(instance, 'fast_job')
+    assert ok
+    started = [e for e in events(worker.log(), 'step_started') if e['run_id'] == run_id]
+    assert [e['step_key'] for e in started] == ['ping', 'add_one', 'add_one_2']
+    assert started[0]['pid'] in spares
