@@ -8,8 +8,9 @@ across the processes that share them, so the tree's PSS is what it really takes)
 process, its peak RSS. Baselines measured in the same go: a bare `python -c 'import dagster'`,
 an idle dagster-celery worker, and the run process of the same job on the in_process executor.
 "4 steps running" is sampled once the worker's tree holds its idle processes plus 4 step processes
-and the run has logged 4 STEP_START; Dagster's compute-log capture then adds, per step, a `tail`
-and a watcher process for each of stdout and stderr (children of the step process, in the sample).
+and the run has logged 4 STEP_START; by then the worker has also started the next step's process
+(a spare, waiting for its step), which the sample includes. A process that exits while sampled
+counts 0.
 """
 
 import argparse
@@ -40,17 +41,26 @@ STEPS_TIMEOUT_S = 60.0
 
 
 def _status_kb(pid: int, field: str) -> int:
-    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+    """A /proc/PID/status figure in kB; 0 for a process that has just exited (a zombie)."""
+    try:
+        lines = Path(f'/proc/{pid}/status').read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
         if line.startswith(f'{field}:'):
             return int(line.split()[1])
-    raise KeyError(field)
+    return 0
 
 
 def _pss_kb(pid: int) -> int:
-    for line in Path(f'/proc/{pid}/smaps_rollup').read_text().splitlines():
+    try:
+        lines = Path(f'/proc/{pid}/smaps_rollup').read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
         if line.startswith('Pss:'):
             return int(line.split()[1])
-    raise KeyError('Pss')
+    return 0
 
 
 def _parents() -> dict[int, int]:
@@ -128,9 +138,9 @@ def steps_running(idle: set[int], count: int, job: str, run: Future[Any]) -> Non
             if run.done():
                 run.result()  # raises if the run failed
                 raise RuntimeError(f'{job} ended before {count} of its steps ran at once')
-            steps = len(step_processes(idle))
-            seen = (steps, steps_started(instance, job) if steps == count else 0)
-            return seen == (count, count)
+            steps = len(step_processes(idle))  # the running steps, and the next step's spare
+            seen = (steps, steps_started(instance, job) if steps >= count else 0)
+            return seen[0] >= count and seen[1] == count
 
         try:
             wait_for(running, STEPS_TIMEOUT_S, f'{count} step processes and STEP_START of {job}')
@@ -174,7 +184,7 @@ def main() -> None:
                 run = pool.submit(timed_run, 'sleepy__taskiq', {})
                 steps_running(idle, bench_jobs.MEMORY_STEPS, 'sleepy__taskiq', run)
                 sample = tree_sample(worker.process.pid)
-                if len(step_processes(idle)) != bench_jobs.MEMORY_STEPS:
+                if len(step_processes(idle)) < bench_jobs.MEMORY_STEPS:
                     raise RuntimeError('a step process ended while the tree was sampled')
                 rows.append(
                     {'what': f'taskiq worker, {bench_jobs.MEMORY_STEPS} steps running', **sample}
