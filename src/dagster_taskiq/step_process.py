@@ -50,6 +50,7 @@ log = get_logger(__name__)
 MAX_ERROR_CHARS = 8000
 NO_RUN_ID = '00000000-0000-0000-0000-000000000000'  # warms the queries when no run is known
 TAIL_POLL_S = 0.1  # how often the compute-log mirror looks for new output (`tail -F`: 1 s)
+MIRROR_DRAIN_S = 5.0  # longest wait, after a step, for the mirror to copy the rest of its output
 EXTRA_STORAGE_CONNECTIONS = 4  # beyond the one kept per storage, for threads that write at once
 TERMINAL_EVENTS = {  # an attempt ends in Dagster's event log with exactly one of these
     DagsterEventType.STEP_SUCCESS,
@@ -147,8 +148,11 @@ def tail_in_thread(path: str, stream: Any) -> Iterator[tuple[None, None]]:
         yield (None, None)
     finally:
         ended.set()
-        copier.join()
-        os.close(mirror_fd)
+        # a worker output nobody reads (a full pipe) must not hold the step: the copy is a
+        # courtesy, the compute-log file has it all
+        copier.join(MIRROR_DRAIN_S)
+        if not copier.is_alive():
+            os.close(mirror_fd)
 
 
 def find_run(instance: DagsterInstance, run_id: str) -> DagsterRun | None:
