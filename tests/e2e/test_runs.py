@@ -12,6 +12,7 @@ from dagster import DagsterEventType, DagsterInstance
 
 from dagster_taskiq_demo.emulator import free_port
 from tests.e2e.conftest import LEASE_S, Stack, attempts, run
+from tests.e2e.up import children
 from tests.logs import events
 from tests.waiting import wait_until
 
@@ -203,18 +204,6 @@ def test_a_worker_with_its_own_home_on_the_same_storage_runs_the_steps(
     assert events(worker.log(), 'step_warm_up_failed') == []
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path('/proc').iterdir():
-        if entry.name.isdigit():
-            try:  # the fields after the parenthesised command: state, then the parent's pid
-                if int((entry / 'stat').read_text().rsplit(')', 1)[1].split()[1]) == pid:
-                    found.add(int(entry.name))
-            except (OSError, IndexError):
-                continue  # it ended meanwhile
-    return found
-
-
 @pytest.mark.slow
 def test_a_step_runs_in_a_process_started_ahead_that_waited_longer_than_a_lease(
     stack: Stack, instance: DagsterInstance
@@ -222,10 +211,10 @@ def test_a_step_runs_in_a_process_started_ahead_that_waited_longer_than_a_lease(
     """After a step starts, the worker starts the next step's process (a spare); one that waits
     longer than the lease before its step arrives still runs it to the end."""
     [worker] = stack.start_workers(1, 1)
+    idle = children(worker.process.pid)  # the forkserver and its helpers
     ok, _ = run(instance, 'fast_job')
     assert ok
-    forkservers = children(worker.process.pid)
-    spares = wait_until(lambda: {p for f in forkservers for p in children(f)}, what='a spare')
+    spares = wait_until(lambda: children(worker.process.pid) - idle, what='a spare')
     time.sleep(LEASE_S * 1.5)  # the scenario, not a synchronisation: the spare waits this long
     ok, run_id = run(instance, 'fast_job')
     assert ok
