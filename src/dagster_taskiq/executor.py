@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 T = TypeVar('T')
 
-# The longest the executor loop waits between looks at the event log; it looks at once when the
-# run's next event is stored (RunEvents), so this is only the fallback when notifications fail
+# The longest the executor loop waits between looks at the event log; it looks at once when one of
+# the run's steps ends (RunEvents), so this is only the fallback when a notification is missed
 DEFAULT_SLEEP_SECONDS = 1.0
 IDLE_SLEEP_S = 0.05  # the executor loop's pause while none of the run's steps is in flight
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
@@ -359,7 +359,7 @@ class SqsStepHandler(StepHandler):
 
 class TaskiqExecutor(StepDelegatingExecutor):
     """Opens the step handler's queue as the run starts and closes its connections at the end;
-    its loop waits for the run's next event instead of sleeping a fixed interval."""
+    its loop waits for one of the run's steps to end instead of sleeping a fixed interval."""
 
     def __init__(self, step_handler: SqsStepHandler, **kwargs: Any) -> None:
         self.run_events: RunEvents | None = None
