@@ -290,8 +290,7 @@ def _connect_ahead(run_id: str | None) -> None:
     connections' caches warm too. Whatever fails here, the step does again, and reports."""
     if _warm_instance is None:
         return
-    try:
-        keep_storage_connections(_warm_instance)
+    try:  # the pooled engines are the forkserver's (warm_up): this opens their connections
         run = find_run(_warm_instance, run_id or NO_RUN_ID)
         _warm_instance.get_records_for_run(run_id or NO_RUN_ID, limit=1)
         if run is not None and run.job_code_origin is not None and not run.has_repository_load_data:
