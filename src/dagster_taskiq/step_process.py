@@ -19,11 +19,14 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import sqlalchemy.event
+import sqlalchemy.exc
 from dagster import (
     DagsterEventType,
     DagsterInstance,
@@ -40,6 +43,8 @@ from dagster._record import copy
 from dagster._serdes import deserialize_value, serialize_value
 from dagster._utils.hosted_user_process import recon_job_from_origin
 from dagster._utils.interrupts import capture_interrupts
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from dagster_taskiq.logs import get_logger
 from dagster_taskiq.message import step_identity
@@ -52,12 +57,14 @@ NO_RUN_ID = '00000000-0000-0000-0000-000000000000'  # warms the queries when no 
 TAIL_POLL_S = 0.1  # how often the compute-log mirror looks for new output (`tail -F`: 1 s)
 MIRROR_DRAIN_S = 5.0  # longest wait, after a step, for the mirror to copy the rest of its output
 EXTRA_STORAGE_CONNECTIONS = 4  # beyond the one kept per storage, for threads that write at once
+STEP_PING_IDLE_S = 1.0  # a step process pings a kept connection idle this long before using it
 TERMINAL_EVENTS = {  # an attempt ends in Dagster's event log with exactly one of these
     DagsterEventType.STEP_SUCCESS,
     DagsterEventType.STEP_FAILURE,
     DagsterEventType.STEP_UP_FOR_RETRY,
 }
 _effects: list[dict[str, Any]] = []
+_kept_pools: 'weakref.WeakSet[Pool]' = weakref.WeakSet()  # the pools keep_storage_connections made
 # Built once in the forkserver by `warm_up`, inherited by every step process forked from it
 _warm_instance: DagsterInstance | None = None
 
@@ -79,7 +86,7 @@ def record_effect(name: str, payload: dict[str, Any]) -> None:
     _effects.append({'name': name, 'payload': json.loads(json.dumps(payload))})
 
 
-def keep_storage_connections(instance: DagsterInstance) -> None:
+def keep_storage_connections(instance: DagsterInstance, ping_idle_s: float = 0.0) -> None:
     """Keep one open connection per storage for this process, instead of one per call.
 
     dagster-postgres connects anew for every call (NullPool): ~5 ms of PostgreSQL's CPU each. The
@@ -87,8 +94,8 @@ def keep_storage_connections(instance: DagsterInstance) -> None:
     on a 2-core machine those connections cost more than the steps. The engines that replace
     Dagster's are the ones its webserver uses (no statement timeout here). A kept connection must
     survive a database restart or a reset connection, or the run worker dies with the run
-    unfinished: each checkout pings it first, and a dead one is replaced (dagster-postgres has no
-    option for it, so the pools get SQLAlchemy's pre-ping flag; a ping is one `SELECT 1`).
+    unfinished: a connection idle for `ping_idle_s` or longer is pinged as it is checked out, and
+    a dead one is replaced (see `_ping_idle_connections`).
     Done once per instance: again, it would replace the engines and their open connections.
     """
     if _storage_engines_kept(instance):
@@ -99,12 +106,38 @@ def keep_storage_connections(instance: DagsterInstance) -> None:
     for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
         engine = getattr(storage, '_engine', None)
         if engine is not None:
-            engine.pool._pre_ping = True
+            _ping_idle_connections(engine.pool, ping_idle_s)
+
+
+def _ping_idle_connections(pool: Pool, idle_s: float) -> None:
+    """SQLAlchemy's pre-ping (a `SELECT 1` at checkout; a dead connection is replaced), for a
+    connection that has been idle for `idle_s` or longer only (dagster-postgres has no option
+    for either: the pool gets the listeners here). A step process writes its ~12 events a few ms
+    apart: a ping before each was ~12 ms of a chain step. The reset of a connection idle for less
+    than `idle_s` is then met by the statement itself, as a reset in the middle of one would be."""
+    _kept_pools.add(pool)
+
+    def checkin(_: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
+        record.info['checked_in_at'] = time.monotonic()
+
+    def checkout(connection: DBAPIConnection, record: ConnectionPoolEntry, _: object) -> None:
+        checked_in_at = record.info.get('checked_in_at')
+        if checked_in_at is None or time.monotonic() - checked_in_at < idle_s:
+            return  # new, or used just now
+        try:
+            cursor = connection.cursor()
+            cursor.execute('SELECT 1')
+            cursor.close()
+        except Exception as error:  # any failure: the pool replaces the connection
+            raise sqlalchemy.exc.DisconnectionError(f'ping failed: {error!r}') from error
+
+    sqlalchemy.event.listen(pool, 'checkin', checkin)
+    sqlalchemy.event.listen(pool, 'checkout', checkout)
 
 
 def _storage_engines_kept(instance: DagsterInstance) -> bool:
     engine = getattr(instance.event_log_storage, '_engine', None)
-    return engine is not None and bool(engine.pool._pre_ping)
+    return engine is not None and engine.pool in _kept_pools
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -180,7 +213,7 @@ def warm_up() -> None:
             _warm_instance = DagsterInstance.get()
             _warm_instance.compute_log_manager  # noqa: B018 - built lazily: build it now
             # pooled engines with no connection yet: each step process opens its own
-            keep_storage_connections(_warm_instance)
+            keep_storage_connections(_warm_instance, STEP_PING_IDLE_S)
     except Exception as error:  # noqa: BLE001 - the steps then do it themselves
         log.warning('step_warm_up_failed', error=repr(error))
     # Out of the garbage collector's sight from here on: a collection in a step process would
@@ -233,7 +266,7 @@ def _execute(args: ExecuteStepArgs, outcome: StepOutcome) -> None:
     step_key, _, _ = step_identity(args)
     args = copy(args, should_verify_step=True)  # whatever the message says: one start per attempt
     with _instance() as instance:
-        keep_storage_connections(instance)
+        keep_storage_connections(instance, STEP_PING_IDLE_S)
         run = find_run(instance, args.run_id)
         if run is None:
             outcome.error = f'run {args.run_id} not found in the Dagster instance'
