@@ -1,5 +1,6 @@
 """The run worker's wake-up on the real PostgreSQL: a step end of its run, written by a worker's
-fenced finish, ends the wait; another run's does not; a lost connection is made again."""
+fenced finish, ends the wait; another run's does not even reach it; a lost connection is made
+again."""
 
 import asyncio
 import uuid
@@ -39,6 +40,21 @@ async def test_a_step_end_of_the_run_wakes_the_wait(db: Store, database_url: str
         await finish_a_step(db, run_id)
         assert await waiting is True
         assert events.wait(0.2) is False  # nothing more ended
+    finally:
+        events.close()
+
+
+async def test_another_runs_step_end_never_reaches_the_listener(
+    db: Store, database_url: str
+) -> None:
+    """Each run has a channel of its own: 50 run workers are not each woken for every step end
+    of the other 49 runs."""
+    events = RunEvents(database_url, unique_run_id())
+    try:
+        assert events.wait(0.0) is False
+        await finish_a_step(db, unique_run_id())
+        assert events.connection is not None
+        assert list(events.connection.notifies(timeout=0.5, stop_after=1)) == []
     finally:
         events.close()
 

@@ -80,7 +80,7 @@ RETURNING lease_expires_at
 -- together or not at all, so Dagster records STEP_SUCCESS exactly when the store says COMPLETED.
 -- The event row is built as dagster-postgres's store_event builds it (its NOTIFY included); it
 -- takes its id, and so its place in the run's event stream, just before the statement commits.
--- `dagster_taskiq_step_ends` (run_events.STEP_ENDS_CHANNEL) wakes the run's executor loop.
+-- The run's own channel of step ends (run_events.step_ends_channel) wakes its executor loop.
 WITH finished AS (
   UPDATE step_executions
   SET state = :outcome, ended_at = now(), error = :error
@@ -106,7 +106,7 @@ WITH finished AS (
   RETURNING run_id, id
 )
 SELECT finished.state, (SELECT pg_notify('run_events', run_id || '_' || id) FROM event),
-       (SELECT pg_notify('dagster_taskiq_step_ends', run_id) FROM event)
+       (SELECT pg_notify('dagster_taskiq_step_ends_' || md5(run_id), run_id) FROM event)
 FROM finished
 
 -- name: cancelled_event
@@ -122,7 +122,7 @@ WITH event AS (
   RETURNING run_id, id
 )
 SELECT pg_notify('run_events', run_id || '_' || id),
-       pg_notify('dagster_taskiq_step_ends', run_id)
+       pg_notify('dagster_taskiq_step_ends_' || md5(run_id), run_id)
 FROM event
 
 -- name: abandon
