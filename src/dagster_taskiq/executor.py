@@ -49,6 +49,7 @@ T = TypeVar('T')
 # the run's steps ends (RunEvents), so this is only the fallback when a notification is missed
 DEFAULT_SLEEP_SECONDS = 1.0
 IDLE_SLEEP_S = 0.05  # the executor loop's pause while none of the run's steps is in flight
+HEALTH_ROWS_FRESH_S = 1.0  # a health check round's rows are not used for longer than this
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 5
 # An attempt whose message was lost, or that no worker ever takes, fails after this long with its
 # reason instead of keeping its run STARTED for ever; long enough for workers to scale from zero
@@ -133,7 +134,10 @@ class SqsStepHandler(StepHandler):
         self.step_queued_timeout_s = step_queued_timeout_s
         self.step_resend_s = step_resend_s
         self._last_sent: dict[str, float] = {}  # attempt key -> time.monotonic() of its last send
-        self.in_flight: set[str] = set()  # keys of the run's steps launched and not yet ended
+        # step key -> attempt key, of the run's steps launched and not yet ended
+        self.in_flight: dict[str, str] = {}
+        self._health_rows: dict[str, RowMapping] = {}  # see _round_row
+        self._health_rows_read_at = 0.0
         self._loop: _LoopThread | None = None
         self._resources = AsyncExitStack()
         self._queue: SqsQueue | None = None  # opened by `prepare`, when the run starts
@@ -238,7 +242,7 @@ class SqsStepHandler(StepHandler):
             # launched, and TaskiqExecutor.execute cancels what is in flight.
             raise DagsterExecutionInterruptedError(str(stopping)) from stopping
         # Events yielded here are discarded by Dagster, so this one is written, not yielded.
-        self.in_flight.add(task.step_key)
+        self.in_flight[task.step_key] = task.idempotency_key
         step_context = step_handler_context.get_step_context(task.step_key)
         if message_id is None:
             DagsterEvent.engine_event(
@@ -279,9 +283,22 @@ class SqsStepHandler(StepHandler):
             f'{workers["workers"]} with {workers["running"]}/{workers["slots"]} slots busy'
         )
 
+    async def _round_row(self, key: str) -> RowMapping | None:
+        """The attempt's row, read with those of every step in flight: Dagster checks each running
+        step in turn, every health check interval; the first check of a round reads all their rows
+        in one query, the others take theirs (a run with 100 steps waiting in a backlog makes one
+        query a round, not 100). A row is taken once, and not after HEALTH_ROWS_FRESH_S."""
+        if time.monotonic() - self._health_rows_read_at > HEALTH_ROWS_FRESH_S:
+            self._health_rows = {}
+        if key not in self._health_rows:
+            keys = {key, *self.in_flight.values()}
+            self._health_rows = await self._store.get_executions(sorted(keys))
+            self._health_rows_read_at = time.monotonic()
+        return self._health_rows.pop(key, None)
+
     async def _health(self, key: str) -> tuple[str | None, RowMapping | None]:
         """(unhealthy reason or None, the attempt's row) from the store's point of view."""
-        row = await self._store.get_execution(key)
+        row = await self._round_row(key)
         if row is None:
             return f'no record of attempt {key} in the idempotency store', None
         state = row['state']
@@ -389,7 +406,7 @@ class TaskiqExecutor(StepDelegatingExecutor):
         events = super()._pop_events(instance, run_id, seen_storage_ids)
         for event in events:  # the events on which the loop stops tracking a running step
             if event.is_step_success or event.is_step_failure or event.is_step_up_for_retry:
-                self.sqs_step_handler.in_flight.discard(check.not_none(event.step_key))
+                self.sqs_step_handler.in_flight.pop(check.not_none(event.step_key), None)
         return events
 
     def execute(

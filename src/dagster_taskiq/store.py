@@ -451,7 +451,12 @@ class Store:
     async def get_execution(self, key: str) -> RowMapping | None:
         """The attempt's row, with computed `lease_expired`, `abandonable` and `age_s`; None for an
         unknown key."""
-        return await self._first('get_execution', key=key, grace_s=self.abandon_grace_s)
+        return (await self.get_executions([key])).get(key)
+
+    async def get_executions(self, keys: Sequence[str]) -> dict[str, RowMapping]:
+        """The rows of those of `keys` the store knows, by key, as `get_execution` gives one."""
+        rows = await self._all('get_executions', keys=list(keys), grace_s=self.abandon_grace_s)
+        return {row['idempotency_key']: row for row in rows}
 
     async def list_executions(self, run_id: str) -> Sequence[RowMapping]:
         return await self._all('list_executions', run_id=run_id)

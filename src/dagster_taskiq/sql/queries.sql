@@ -156,12 +156,12 @@ UPDATE execution_log
 SET outcome = 'CANCELLED', ended_at = now()
 WHERE idempotency_key = :key AND lease_token = :token AND outcome IS NULL
 
--- name: get_execution
+-- name: get_executions
 SELECT *, lease_expires_at <= now() AS lease_expired,
        lease_expires_at + make_interval(secs => :grace_s) <= now() AS abandonable,
        extract(epoch FROM now() - enqueued_at) AS age_s
 FROM step_executions
-WHERE idempotency_key = :key
+WHERE idempotency_key = ANY(:keys)
 
 -- name: list_executions
 SELECT *, lease_expires_at <= now() AS lease_expired
