@@ -32,6 +32,13 @@ def step_ends_channel(run_id: str) -> str:
     return STEP_ENDS_CHANNEL_PREFIX + hashlib.md5(run_id.encode()).hexdigest()
 
 
+def _readable_within(fd: int, timeout_s: float) -> bool:
+    """Whether `fd` has something to read (or has hung up) within `timeout_s`."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
+
+
 class RunEvents:
     """Waits, at most a given time, for the next end of a step of one run."""
 
@@ -63,8 +70,9 @@ class RunEvents:
     def wait(self, timeout_s: float) -> bool:
         """Whether a step of the run ended (since the last wait) within `timeout_s`.
 
-        Blocks in select() on the connection's socket: psycopg's own `notifies(timeout)` wakes
+        Blocks in poll() on the connection's socket: psycopg's own `notifies(timeout)` wakes
         every 0.1 s (~3 ms of CPU a second), which 50 runs waiting in a backlog would pay each.
+        (Not select(): it refuses a descriptor above 1023, which a busy run process may hold.)
         """
         deadline = time.monotonic() + timeout_s
         try:
@@ -75,7 +83,7 @@ class RunEvents:
                 if any(notify.payload == self.run_id for notify in connection.notifies(timeout=0)):
                     return True
                 left_s = deadline - time.monotonic()
-                if left_s <= 0 or not select.select([connection.fileno()], [], [], left_s)[0]:
+                if left_s <= 0 or not _readable_within(connection.fileno(), left_s):
                     return False
         except psycopg.Error as error:
             log.warning('run_events_unavailable', error=str(error), retry_in_s=RECONNECT_AFTER_S)
